@@ -1,0 +1,3 @@
+"""transcribe: production speech transcription on FunASR."""
+
+__version__ = "0.1.0"

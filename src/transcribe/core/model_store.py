@@ -1,0 +1,152 @@
+"""Where each configured model comes from: a local directory, the local hub cache, or the hub.
+
+FunASR resolves an alias (``paraformer-zh``) to a hub id and downloads it at build time. With no
+network it retries for ~22 s and then reports ``model 'paraformer-zh' is not registered``, which
+misleads. We resolve first: a directory is used as it is; an alias already in the hub cache is
+passed to FunASR as its cached directory (no network at all); only an alias that is not cached
+goes to FunASR by name, and if that fails we say which model could not be fetched from which hub
+and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from transcribe.core.errors import ModelLoadError, ModelUnavailableError
+
+# config key -> role, in the order AutoModel builds them
+MODEL_ROLES = {"model": "asr", "vad_model": "vad", "punc_model": "punc", "spk_model": "spk"}
+HUB_NAMES = {"ms": "ModelScope", "hf": "Hugging Face"}
+HUB_HOSTS = {"ms": "www.modelscope.cn", "hf": "huggingface.co"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    role: str  # "asr", "vad", "punc", "spk"
+    name: str  # what the configuration says
+    source: str  # "local" (a directory), "cached" (hub cache), "remote" (needs a download)
+    path: str | None  # directory to load from, when known
+    repo_id: str | None  # hub id for aliases and ids
+    hub: str
+    revision: str | None = None
+
+    @property
+    def load_arg(self) -> str:
+        """What to pass to AutoModel: a directory when there is one, else the name."""
+        return self.path or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def looks_like_path(name: str) -> bool:
+    # "iic/speech_..." is a hub id, not a path: only explicit paths count when the dir is missing.
+    return name.startswith((".", "/", "~")) or os.path.isabs(name)
+
+
+def hub_repo_id(name: str, hub: str) -> str:
+    from funasr.download.name_maps_from_hub import name_maps_hf, name_maps_ms
+
+    maps = name_maps_hf if hub == "hf" else name_maps_ms
+    return maps.get(name, name)
+
+
+def cached_snapshot(repo_id: str, hub: str, revision: str | None) -> str | None:
+    """The cached directory of `repo_id`, or None; never touches the network."""
+    try:
+        if hub == "hf":
+            from huggingface_hub import snapshot_download as hf_snapshot
+
+            path = hf_snapshot(repo_id, revision=revision, local_files_only=True)
+        else:
+            from modelscope.hub.snapshot_download import snapshot_download as ms_snapshot
+
+            path = ms_snapshot(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - every "not in the cache" flavour the hub clients raise
+        return None
+    return path if path and Path(path, "config.yaml").is_file() else None
+
+
+def resolve_model(role: str, name: str, hub: str, revision: str | None, base_dir: str | os.PathLike[str]) -> ModelRef:
+    """Resolve one configured model without network access."""
+    candidate = Path(os.path.expanduser(name))
+    if not candidate.is_absolute():
+        candidate = Path(base_dir) / candidate
+    if candidate.is_dir() or looks_like_path(name):
+        if not candidate.is_dir():
+            raise ModelLoadError(f"{role} model directory {str(candidate)!r} does not exist (funasr config)")
+        if not (candidate / "config.yaml").is_file():
+            raise ModelLoadError(
+                f"{role} model directory {str(candidate)!r} has no config.yaml: not a FunASR model directory"
+            )
+        return ModelRef(role, name, "local", str(candidate.resolve()), None, hub, revision)
+    repo_id = hub_repo_id(name, hub)
+    path = cached_snapshot(repo_id, hub, revision)
+    return ModelRef(role, name, "cached" if path else "remote", path, repo_id, hub, revision)
+
+
+def resolve_models(funasr_cfg: Any, base_dir: str | os.PathLike[str]) -> dict[str, ModelRef]:
+    """Every configured model of a `FunasrConfig`, keyed by config key (``model``, ``vad_model``...)."""
+    refs = {}
+    for key, role in MODEL_ROLES.items():
+        name = getattr(funasr_cfg, key)
+        if name:
+            refs[key] = resolve_model(role, name, funasr_cfg.hub, getattr(funasr_cfg, f"{key}_revision"), base_dir)
+    return refs
+
+
+def hub_reachable(hub: str, timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers on 443 within `timeout` (DNS failure answers at once offline)."""
+    try:
+        with socket.create_connection((HUB_HOSTS[hub], 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def unavailable_error(ref: ModelRef, cause: str) -> ModelUnavailableError:
+    hub = HUB_NAMES.get(ref.hub, ref.hub)
+    return ModelUnavailableError(
+        f"{ref.role} model {ref.name!r} ({ref.repo_id}) is not in the local cache and could not be fetched "
+        f"from {hub}: {cause}. Fix: point funasr.{_config_key(ref.role)} in config.json at a local model "
+        f"directory, or run `transcribe models download` on a machine with network access and copy its cache "
+        f"(MODELSCOPE_CACHE / HF_HOME) here."
+    )
+
+
+def _config_key(role: str) -> str:
+    return next(k for k, r in MODEL_ROLES.items() if r == role)
+
+
+def check_remote_refs(refs: dict[str, ModelRef], reachable: Callable[[str], bool] = hub_reachable) -> None:
+    """Fail fast, with a useful message, when an uncached model needs a hub that cannot be reached."""
+    for ref in refs.values():
+        if ref.source == "remote" and not reachable(ref.hub):
+            raise unavailable_error(ref, f"{HUB_HOSTS[ref.hub]} cannot be reached (no network?)")
+
+
+def download_models(refs: dict[str, ModelRef], progress: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Fill the hub cache for every aliased model (resumable: the hub clients skip complete files)."""
+    done = {}
+    for key, ref in refs.items():
+        if ref.source == "local":
+            done[key] = ref.path or ref.name
+            continue
+        if progress:
+            progress(f"{ref.role}: {ref.repo_id} from {HUB_NAMES[ref.hub]}")
+        try:
+            if ref.hub == "hf":
+                from huggingface_hub import snapshot_download as hf_snapshot
+
+                done[key] = hf_snapshot(ref.repo_id, revision=ref.revision)
+            else:
+                from modelscope.hub.snapshot_download import snapshot_download as ms_snapshot
+
+                done[key] = ms_snapshot(ref.repo_id, revision=ref.revision or "master")
+        except Exception as e:  # noqa: BLE001 - the hub clients raise many types; we report each
+            raise unavailable_error(ref, f"{type(e).__name__}: {e}") from e
+    return done
