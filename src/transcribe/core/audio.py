@@ -80,7 +80,8 @@ def _load_soundfile(path: Path) -> Audio:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-        raise AudioDecodeError(f"{path.name!r} is not a readable audio file ({e})") from None
+        detail = str(e).rsplit(": ", 1)[-1].strip().rstrip(".")  # libsndfile's reason, without our temp path
+        raise AudioDecodeError(f"{path.name!r} is not a readable audio file ({detail})") from None
     if data.shape[0] == 0:
         raise EmptyAudioError(f"{path.name!r} holds no audio samples")
     channels = data.shape[1]

@@ -1,0 +1,88 @@
+"""`serve --mode lock`: the task directory served by one in-process `AsyncTranscriber`.
+
+Same protocol and same results as the pool (the job steps are `worker_process`'s own); one model,
+jobs one at a time behind the asyncio lock. For a single machine that wants one model in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+from loguru import logger
+
+from transcribe.config import Config
+from transcribe.core.funasr_transcriber import AsyncTranscriber
+from transcribe.core.task_dir import TaskDir
+from transcribe.core.worker_process import (
+    Heartbeat,
+    InboxWatcher,
+    WorkerStatus,
+    finish_job,
+    prepare_job,
+    settle_failed_job,
+)
+
+WORKER_ID = "lock"
+
+
+async def serve_lock(cfg: Config) -> int:
+    td = TaskDir.from_config(cfg).ensure()
+    td.acquire_server_lock()
+    os.umask(cfg.pool.umask)
+    td.recover_all("supervisor_restart", "the previous server stopped while the job ran",
+                   keep_audio=cfg.pool.keep_audio)
+    status = WorkerStatus(WORKER_ID, os.getpid())
+    heartbeat = Heartbeat(td.workers / f"{WORKER_ID}.json", status, cfg.pool.heartbeat_interval, td.tmp)
+    heartbeat.beat()
+    heartbeat.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    wake = threading.Event()
+    try:
+        engine = await AsyncTranscriber.create(cfg)
+    except Exception as exc:  # noqa: BLE001 - reported as the boot failure it is
+        from transcribe.core.task_dir import error_info
+
+        status.state, status.error = "boot_failed", error_info(exc)
+        heartbeat.beat()
+        logger.error("lock mode could not boot: {}", status.error["message"])
+        return 3
+    status.device, status.dtype = engine.transcriber.device.device, engine.transcriber.device.dtype
+    status.state = "ready"
+    heartbeat.beat()
+    logger.info("lock mode ready on {} (task dir {})", status.device, td.root)
+    idle = max(cfg.pool.settle_seconds, 0.05)
+    async with engine:
+        with InboxWatcher(td.inbox, wake):
+            while not stop.is_set():
+                wake.clear()
+                job = td.claim_next(WORKER_ID)
+                if job is None:
+                    await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=min(idle, cfg.pool.rescan_interval))
+                    continue
+                status.state, status.job, status.job_started_ts = "busy", job.job_id, time.time()
+                try:
+                    options = prepare_job(td, job)
+                    result = await engine.transcribe(job.audio_path, speakers=options.speakers,
+                                                     hotwords=options.hotwords, extension=job.extension,
+                                                     source_name=job.record.original_name)
+                    finish_job(td, job, result, options, cfg)
+                    status.jobs_done += 1
+                    status.rtf_sum += result.rtf
+                    status.audio_seconds += result.duration
+                    logger.info("job {} done: rtf {:.3f}", job.job_id, result.rtf)
+                except Exception as exc:  # noqa: BLE001 - the job's fault is recorded; the server lives on
+                    if settle_failed_job(td, job, exc, WORKER_ID) == "failed":
+                        status.jobs_failed += 1
+                status.state, status.job, status.job_started_ts = "ready", None, None
+    status.state = "exited"
+    heartbeat.stop()
+    heartbeat.beat()
+    logger.info("lock mode stopped cleanly")
+    return 0
