@@ -60,6 +60,10 @@ def build_automodel_kwargs(cfg: Config, device: DeviceChoice, refs: dict[str, mo
     for key, ref in refs.items():
         if ref.revision:
             kwargs[f"{key}_revision"] = ref.revision
+    if f.fast_diarization and "spk_model" in refs and spk_model_class(refs["spk_model"]) in FAST_DIARIZATION_MODELS:
+        # FunASR snapshots sub-model kwargs at construction and resets to them on every call,
+        # so the batch size must be given here, not set afterwards.
+        kwargs["spk_kwargs"] = {"batch_size": FAST_DIARIZATION_BATCH}
     for name, value in patched_model_kwargs(device.device).items():
         if name.endswith("_kwargs"):
             kwargs[name] = {**kwargs.get(name, {}), **value}
@@ -67,6 +71,19 @@ def build_automodel_kwargs(cfg: Config, device: DeviceChoice, refs: dict[str, mo
             kwargs[name] = value
     kwargs.update(f.model_kwargs)
     return kwargs
+
+
+def spk_model_class(ref: model_store.ModelRef) -> str | None:
+    """The speaker model's class from its config.yaml (``model: CAMPPlus``); the cam++ alias is CAM++."""
+    if ref.path:
+        import yaml
+
+        try:
+            conf = yaml.safe_load((Path(ref.path) / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        return conf.get("model") if isinstance(conf, dict) else None
+    return "CAMPPlus" if ref.name == "cam++" else None
 
 
 def build_generate_kwargs(cfg: Config, *, speakers: int | None = None, hotwords: Sequence[str] | None = None,
@@ -132,8 +149,7 @@ class Transcriber:
             logger.info("fast diarization does not cover speaker model {}: using FunASR's per-window path",
                         type(spk).__name__)
             return False
-        self.model.spk_kwargs["batch_size"] = FAST_DIARIZATION_BATCH
-        return True
+        return self.model.spk_kwargs.get("batch_size") == FAST_DIARIZATION_BATCH
 
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:

@@ -71,7 +71,9 @@ def segments_from_funasr(output: list[dict[str, Any]], duration: float) -> tuple
     """Map `AutoModel.generate` output to (text, segments, speakers).
 
     - ``sentence_info`` entries give the segments: ``start``/``end`` in ms become seconds
-      (``ms / 1000``), ``text`` is kept as it is, ``spk`` goes through `speaker_label_map`.
+      (``ms / 1000``), clamped to the audio's duration (FunASR's CIF timestamps can overshoot the
+      end of the audio by a frame or two), ``text`` is kept as it is, ``spk`` goes through
+      `speaker_label_map`.
     - No output (FunASR returns ``[]`` when VAD finds no speech) or empty text: empty result.
     - Text without ``sentence_info`` (no VAD model): one segment spanning the audio.
     """
@@ -84,9 +86,10 @@ def segments_from_funasr(output: list[dict[str, Any]], duration: float) -> tuple
         segs = [Segment(0.0, round(duration, 3), text)] if text.strip() else []
         return text, segs, []
     labels = speaker_label_map(s.get("spk") for s in sentences)
+    end_of_audio = round(duration, 3)
     segments = [
-        Segment(start=s["start"] / 1000, end=s["end"] / 1000, text=str(s.get("text", s.get("sentence", ""))),
-                speaker=labels.get(s.get("spk")))
+        Segment(start=min(s["start"] / 1000, end_of_audio), end=min(s["end"] / 1000, end_of_audio),
+                text=str(s.get("text", s.get("sentence", ""))), speaker=labels.get(s.get("spk")))
         for s in sentences
     ]
     return text, segments, list(labels.values())

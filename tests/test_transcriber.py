@@ -1,0 +1,119 @@
+"""Transcriber on the fixture models (real FunASR code path) and the shared recordings."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import model_config, shared_audio
+from transcribe.config import config_from_dict
+from transcribe.core import errors
+from transcribe.core.funasr_transcriber import Transcriber
+from transcribe.core.result import Result, speaker_label_map
+
+
+def test_podcast_two_speakers(transcriber):
+    path = shared_audio("podcast_2speakers_60s.wav")
+    r = transcriber.transcribe(path, speakers=2)
+    assert r.segments and r.text
+    assert abs(r.duration - 60.0) < 0.1
+    starts = [s.start for s in r.segments]
+    assert starts == sorted(starts)
+    for s in r.segments:
+        assert 0 <= s.start <= s.end <= r.duration + 0.01
+        assert s.speaker in r.speakers
+    assert r.speakers == ["Speaker1", "Speaker2"]
+    assert {s.speaker for s in r.segments} == {"Speaker1", "Speaker2"}
+    assert r.segments[0].speaker == "Speaker1"  # numbered by first appearance
+    assert r.device == "cpu" and r.processing_time > 0 and r.rtf == pytest.approx(r.processing_time / r.duration,
+                                                                                   rel=1e-2)
+    assert set(r.models) == {"asr", "vad", "punc", "spk"}
+    assert Result.from_json(r.to_json()) == r  # JSON round-trip
+
+
+def test_silence_gives_an_empty_result(transcriber):
+    r = transcriber.transcribe(shared_audio("silence_5s.wav"))
+    assert (r.text, r.segments, r.speakers) == ("", [], [])
+    assert r.duration == pytest.approx(5.0, abs=0.01)
+
+
+def test_zero_byte_file(transcriber, tmp_path):
+    f = tmp_path / "empty.wav"
+    f.write_bytes(b"")
+    with pytest.raises(errors.EmptyAudioError, match="empty"):
+        transcriber.transcribe(f)
+
+
+def test_text_named_wav(transcriber, tmp_path):
+    f = tmp_path / "notes.wav"
+    f.write_text("these are meeting notes, not audio\n" * 20)
+    with pytest.raises(errors.AudioDecodeError, match="not a readable audio file"):
+        transcriber.transcribe(f)
+
+
+def test_missing_file_and_unknown_extension(transcriber, tmp_path):
+    with pytest.raises(errors.AudioNotFoundError):
+        transcriber.transcribe(tmp_path / "nope.wav")
+    f = tmp_path / "a.xyz"
+    f.write_bytes(b"123")
+    with pytest.raises(errors.UnsupportedFormatError, match="unsupported file type .xyz"):
+        transcriber.transcribe(f)
+
+
+def test_wav_with_no_samples(transcriber, tmp_path):
+    f = tmp_path / "zero.wav"
+    sf.write(f, np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(errors.EmptyAudioError, match="no audio samples"):
+        transcriber.transcribe(f)
+
+
+def test_resampled_stereo_input(transcriber, tmp_path):
+    data, rate = sf.read(shared_audio("tts_1speaker_5s.wav"), dtype="float32")
+    f = tmp_path / "stereo8k.wav"
+    sf.write(f, np.stack([data[::2], data[::2]], axis=1), 8000, subtype="PCM_24")
+    r = transcriber.transcribe(f)
+    assert r.duration == pytest.approx(len(data) / 16000, abs=0.01)
+    assert r.segments
+
+
+def test_speaker_labels_in_order_of_first_appearance():
+    assert speaker_label_map([3, 3, 0, 1, 0, None]) == {3: "Speaker1", 0: "Speaker2", 1: "Speaker3"}
+
+
+def test_unloadable_model_dir_is_a_typed_error(tiny_models, tmp_path):
+    bad = tmp_path / "asr"
+    bad.mkdir()
+    (bad / "config.yaml").write_text("model: NoSuchModelClass\n")
+    cfg = config_from_dict(model_config(tiny_models, model=str(bad)), tmp_path)
+    with pytest.raises(errors.ModelLoadError, match="could not load the FunASR models"):
+        Transcriber(cfg)
+
+
+def test_missing_model_dir_names_it(tiny_models, tmp_path):
+    cfg = config_from_dict(model_config(tiny_models, model=str(tmp_path / "gone")), tmp_path)
+    with pytest.raises(errors.ModelLoadError, match="does not exist"):
+        Transcriber(cfg)
+
+
+def test_alias_without_network_says_which_model_and_how_to_fix(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "empty-cache"))
+    cfg = config_from_dict(model_config(tiny_models, model="paraformer-zh"), tmp_path)
+    with pytest.raises(errors.ModelUnavailableError) as e:
+        Transcriber(cfg, check_network=lambda hub: False)
+    msg = e.value.message
+    assert "'paraformer-zh'" in msg and "ModelScope" in msg and "transcribe models download" in msg
+    assert "config.json" in msg
+
+
+def test_hotwords_reach_generate(transcriber, monkeypatch):
+    seen = {}
+    real = transcriber.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(transcriber.model, "generate", spy)
+    transcriber.transcribe(shared_audio("tts_1speaker_5s.wav"), hotwords=["会议", "录音"], batch_size_s=60)
+    assert seen["hotword"] == "会议 录音" and seen["batch_size_s"] == 60
