@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,21 @@ def build_generate_kwargs(cfg: Config, *, speakers: int | None = None, hotwords:
     return kwargs
 
 
+def import_automodel() -> Any:
+    """``from funasr import AutoModel``, keeping its import-time prints off stdout.
+
+    FunASR prints "ffmpeg is not installed. torchaudio is used to load audio" and its version on
+    import; neither is true or useful here (we decode audio ourselves), and stdout belongs to
+    commands such as ``run --json``.
+    """
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        from funasr import AutoModel
+    if buffer.getvalue().strip():
+        logger.debug("funasr import said: {}", " ".join(buffer.getvalue().split()))
+    return AutoModel
+
+
 def warmup_clip(seconds: float = 1.0) -> np.ndarray:
     """A short built-in clip (a tone with a little noise) to run every stage once at start-up."""
     t = np.arange(int(seconds * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
@@ -131,8 +147,7 @@ class Transcriber:
     def _build(self) -> Any:
         kwargs = build_automodel_kwargs(self.config, self.device, self.refs)
         try:
-            from funasr import AutoModel
-
+            AutoModel = import_automodel()
             return AutoModel(**kwargs)
         except Exception as e:  # noqa: BLE001 - FunASR raises anything from a bad model dir; we name it
             remote = [r for r in self.refs.values() if r.source == "remote"]

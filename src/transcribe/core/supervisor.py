@@ -123,9 +123,11 @@ class Supervisor:
         for slot in self.slots:
             self._spawn(slot)
         try:
-            while not self.stopping and self.fatal is None:
+            while True:
                 self._handle_signals()
                 self._reap()
+                if self.stopping or self.fatal:
+                    break
                 self._check_workers()
                 self._spawn_missing()
                 self._roll_generation()
@@ -213,6 +215,7 @@ class Supervisor:
             code, pid = proc.exitcode, proc.pid
             status, _ = self._status_of(slot)
             slot.process = None
+            logger.debug("worker {} (pid {}) exited with code {}", slot.worker_id, pid, code)
             self._requeue_jobs_of(pid, f"worker {slot.worker_id} (pid {pid}) exited with code {code} during the job")
             if code == EXIT_BOOT_FAILED:
                 err = (status.get("error") or {}).get("message", "unknown error")
