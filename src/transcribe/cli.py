@@ -72,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", help="worker count or 'auto' (default: pool.workers)")
     serve.add_argument("--task-dir", help="task directory (default: pool.task_dir)")
 
-    submit = sub.add_parser("submit", help="queue files into the task directory (safely, via tmp/)")
+    submit = sub.add_parser("submit", help="queue files into the task directory (safely, via tmp/)",
+                            description="Copy FILEs into the task directory as complete jobs: each is staged in "
+                                        "tmp/ and renamed into inbox/, so a server never sees half a file. "
+                                        "Prints each job id; with --wait, waits and prints the result path or "
+                                        "the failure reason (exit 1 if any failed).")
     submit.add_argument("files", nargs="+", metavar="FILE", type=Path)
     submit.add_argument("--speakers", type=int, metavar="N")
     submit.add_argument("--hotwords", nargs="+", metavar="WORD")
@@ -82,22 +86,44 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait and print each result path or failure reason")
     submit.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
 
-    status = sub.add_parser("status", help="queue counts and workers (works while the server is down)")
+    status = sub.add_parser("status", help="queue counts and workers (works while the server is down)",
+                            description="Show jobs per folder (inbox, processing, done, failed), the oldest waiting "
+                                        "job, and each worker: pid, device, state, current job and its elapsed "
+                                        "time, jobs done, mean RTF, memory. Read from the task directory alone, "
+                                        "so it works whether or not the server runs.")
     status.add_argument("--task-dir")
     status.add_argument("--json", action="store_true")
 
-    retry = sub.add_parser("retry", help="move failed jobs back to the inbox, attempts reset")
+    retry = sub.add_parser("retry", help="move failed jobs back to the inbox, attempts reset",
+                           description="Move failed jobs (by JOB id, the folder name under failed/, or --all) back "
+                                       "to inbox/ with their attempts reset; the previous error.json is kept "
+                                       "in the job folder as .error-<time>.json.")
     retry.add_argument("jobs", nargs="*", metavar="JOB")
     retry.add_argument("--all", action="store_true", help="every job in failed/")
     retry.add_argument("--task-dir")
 
-    models = sub.add_parser("models", help="list or download the configured models")
+    models = sub.add_parser("models", help="list or download the configured models",
+                            description="list: where each configured model resolves (local directory, hub cache, "
+                                        "or needs a download), without network. download: fill the hub cache "
+                                        "(ModelScope, or Hugging Face with funasr.hub=hf) for every configured "
+                                        "alias; re-running resumes. Copy the cache to offline machines.")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")
     msub.required = True
     msub.add_parser("list", help="where each configured model resolves (no network)")
     msub.add_parser("download", help="fill the local cache for the configured models (resumable)")
 
-    sub.add_parser("devices", help="the devices found and the one the config selects, with why")
+    doctor = sub.add_parser("doctor", help="check versions, devices, models, ffmpeg and folders",
+                            description="Check what `serve` needs: torch and funasr versions; CUDA devices (name, "
+                                        "memory), MPS, CPU threads; the device and dtype the config selects and "
+                                        "why; the patches that would apply; whether each configured model "
+                                        "resolves locally (directory or cache) or its hub is reachable; ffmpeg; "
+                                        "task and log dirs writable. Exit 1 on any problem that would stop serve.")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    sub.add_parser("devices", help="the devices found and the one the config selects, with why",
+                   description="Print, as JSON, the devices torch can use (cuda:N, mps, cpu), the device and dtype "
+                               "that funasr.device / device_priority / fallback_on_error / dtype select with the "
+                               "reason, and the selected device's name, memory and library versions.")
     return p
 
 
@@ -250,5 +276,20 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from transcribe.core.doctor import print_report, run_checks
+    from transcribe.logging_setup import setup_logging
+
+    cfg = _load(args)
+    setup_logging(cfg, "doctor", stderr_level="ERROR", to_file=False)
+    report = run_checks(cfg)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_report(report)
+    return 0 if report["ok"] else 1
+
+
 COMMANDS = {"run": cmd_run, "serve": cmd_serve, "submit": cmd_submit, "status": cmd_status, "retry": cmd_retry,
-            "models": cmd_models, "devices": cmd_devices}
+            "models": cmd_models, "devices": cmd_devices,
+            "doctor": cmd_doctor}

@@ -100,7 +100,18 @@ def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
 
 
 def ffmpeg_path() -> str | None:
-    return shutil.which("ffmpeg")
+    """ffmpeg on PATH, else the static build of the `imageio-ffmpeg` package (``transcribe[ffmpeg]``)."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return None
+    try:
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError:  # the package without its binary for this platform
+        return None
 
 
 def _load_ffmpeg(path: Path) -> Audio:
@@ -108,7 +119,8 @@ def _load_ffmpeg(path: Path) -> Audio:
     if exe is None:
         raise FFmpegMissingError(
             f"{path.name!r}: decoding {path.suffix or 'this format'} needs ffmpeg, which is not installed "
-            f"(Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg), or convert it to wav/flac first"
+            f"(pip install 'transcribe[ffmpeg]', or apt-get install ffmpeg / brew install ffmpeg), "
+            f"or convert the file to wav/flac first"
         )
     # An argument list, never a shell: the file name is data. "-i" takes it verbatim, even with a leading dash
     # prefixed by "file:" so ffmpeg does not read it as an option or protocol.

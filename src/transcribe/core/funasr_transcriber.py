@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -99,21 +98,6 @@ def build_generate_kwargs(cfg: Config, *, speakers: int | None = None, hotwords:
     return kwargs
 
 
-def import_automodel() -> Any:
-    """``from funasr import AutoModel``, keeping its import-time prints off stdout.
-
-    FunASR prints "ffmpeg is not installed. torchaudio is used to load audio" and its version on
-    import; neither is true or useful here (we decode audio ourselves), and stdout belongs to
-    commands such as ``run --json``.
-    """
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        from funasr import AutoModel
-    if buffer.getvalue().strip():
-        logger.debug("funasr import said: {}", " ".join(buffer.getvalue().split()))
-    return AutoModel
-
-
 def warmup_clip(seconds: float = 1.0) -> np.ndarray:
     """A short built-in clip (a tone with a little noise) to run every stage once at start-up."""
     t = np.arange(int(seconds * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
@@ -136,6 +120,8 @@ class Transcriber:
         started = time.perf_counter()
         self.model = self._build()
         self.load_time = time.perf_counter() - started
+        self._stage_times: dict[str, float] = {}
+        self._time_stages()
         self.fast_diarization = self._enable_fast_diarization()
         logger.info("models loaded in {:.1f}s on {} (patches: {}; fast diarization: {})", self.load_time,
                     self.device.device, ", ".join(self.patches) or "none", self.fast_diarization)
@@ -147,14 +133,38 @@ class Transcriber:
     def _build(self) -> Any:
         kwargs = build_automodel_kwargs(self.config, self.device, self.refs)
         try:
-            AutoModel = import_automodel()
-            return AutoModel(**kwargs)
+            with model_store.quiet_funasr():
+                from funasr import AutoModel
+
+                return AutoModel(**kwargs)
         except Exception as e:  # noqa: BLE001 - FunASR raises anything from a bad model dir; we name it
             remote = [r for r in self.refs.values() if r.source == "remote"]
             if remote and ("not registered" in str(e) or "download" in str(e).lower()):
                 raise model_store.unavailable_error(remote[0], f"{type(e).__name__}: {e}") from e
             where = ", ".join(f"{r.role}={r.load_arg}" for r in self.refs.values())
             raise ModelLoadError(f"could not load the FunASR models ({where}): {type(e).__name__}: {e}") from e
+
+    def _time_stages(self) -> None:
+        """Time each sub-model's share of ``generate`` (vad, asr, punc, spk) for the result's timings.
+
+        FunASR routes every sub-model call through ``AutoModel.inference(..., model=sub_model)``; an
+        instance-level wrapper adds up the time per sub-model. Nothing else about the call changes.
+        """
+        real = self.model.inference
+        names = {id(getattr(self.model, f"{role}_model", None)): role for role in ("vad", "punc", "spk")}
+        names.pop(id(None), None)
+        times = self._stage_times
+
+        @functools.wraps(real)
+        def timed(*args: Any, model: Any = None, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return real(*args, model=model, **kwargs)
+            finally:
+                stage = names.get(id(model), "asr")
+                times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
+
+        self.model.inference = timed
 
     def _enable_fast_diarization(self) -> bool:
         spk = getattr(self.model, "spk_model", None)
@@ -176,11 +186,14 @@ class Transcriber:
         with torch.autocast(device_type=self.device.kind, dtype=getattr(torch, self.device.dtype)):
             yield
 
-    def generate(self, samples: np.ndarray, **kwargs: Any) -> list[dict[str, Any]]:
-        """FunASR's ``generate`` on decoded samples, serialised, in the configured precision."""
+    def generate(self, samples: np.ndarray, **kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """FunASR's ``generate`` on decoded samples, serialised, in the configured precision.
+
+        Returns the output and the seconds spent per stage (vad, asr, punc, spk)."""
         with self._lock, self._precision():
+            self._stage_times.clear()
             try:
-                return self.model.generate(input=samples, **kwargs)
+                return self.model.generate(input=samples, **kwargs), dict(self._stage_times)
             finally:
                 after_job(self.device.device)
 
@@ -208,7 +221,7 @@ class Transcriber:
         kwargs = build_generate_kwargs(self.config, speakers=speakers, hotwords=hotwords, batch_size_s=batch_size_s)
         gen_start = time.perf_counter()
         try:
-            output = self.generate(audio.samples, **kwargs)
+            output, stages = self.generate(audio.samples, **kwargs)
         except TranscribeError:
             raise
         except Exception as e:  # noqa: BLE001 - surfaced as a typed, retryable error with the cause
@@ -220,7 +233,8 @@ class Transcriber:
             text=text, segments=segments, speakers=speakers_found, duration=round(audio.duration, 3),
             processing_time=round(elapsed, 4), rtf=round(elapsed / audio.duration, 5) if audio.duration else 0.0,
             device=self.device.device, models=dict(self.models),
-            timings={"decode": round(decode_time, 4), "generate": round(finished - gen_start, 4)},
+            timings={"decode": round(decode_time, 4), "generate": round(finished - gen_start, 4),
+                     **{stage: round(t, 4) for stage, t in stages.items()}},
             source=source_name,
         )
 

@@ -16,6 +16,7 @@ from loguru import logger
 
 from transcribe.config import Config
 from transcribe.core.funasr_transcriber import AsyncTranscriber
+from transcribe.core.notify import Notifier
 from transcribe.core.task_dir import TaskDir
 from transcribe.core.worker_process import (
     Heartbeat,
@@ -44,6 +45,7 @@ async def serve_lock(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     wake = threading.Event()
+    notifier = Notifier.from_config(cfg)
     try:
         engine = await AsyncTranscriber.create(cfg)
     except Exception as exc:  # noqa: BLE001 - reported as the boot failure it is
@@ -72,16 +74,17 @@ async def serve_lock(cfg: Config) -> int:
                     result = await engine.transcribe(job.audio_path, speakers=options.speakers,
                                                      hotwords=options.hotwords, extension=job.extension,
                                                      source_name=job.record.original_name)
-                    finish_job(td, job, result, options, cfg)
+                    finish_job(td, job, result, options, cfg, notifier)
                     status.jobs_done += 1
                     status.rtf_sum += result.rtf
                     status.audio_seconds += result.duration
                     logger.info("job {} done: rtf {:.3f}", job.job_id, result.rtf)
                 except Exception as exc:  # noqa: BLE001 - the job's fault is recorded; the server lives on
-                    if settle_failed_job(td, job, exc, WORKER_ID) == "failed":
+                    if settle_failed_job(td, job, exc, WORKER_ID, notifier) == "failed":
                         status.jobs_failed += 1
                 status.state, status.job, status.job_started_ts = "ready", None, None
     status.state = "exited"
+    notifier.close()
     heartbeat.stop()
     heartbeat.beat()
     logger.info("lock mode stopped cleanly")

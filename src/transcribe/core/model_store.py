@@ -10,11 +10,15 @@ and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from loguru import logger
 
 from transcribe.core.errors import ModelLoadError, ModelUnavailableError
 
@@ -48,8 +52,24 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.isabs(name)
 
 
+@contextlib.contextmanager
+def quiet_funasr() -> Iterator[None]:
+    """Import or build FunASR with its prints kept off stdout.
+
+    FunASR prints "ffmpeg is not installed. torchaudio is used to load audio" on import and its
+    version when building a model; neither is true or useful here (we decode audio ourselves), and
+    stdout belongs to commands such as ``run --json`` and ``doctor --json``.
+    """
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
+    if buffer.getvalue().strip():
+        logger.debug("funasr import said: {}", " ".join(buffer.getvalue().split()))
+
+
 def hub_repo_id(name: str, hub: str) -> str:
-    from funasr.download.name_maps_from_hub import name_maps_hf, name_maps_ms
+    with quiet_funasr():
+        from funasr.download.name_maps_from_hub import name_maps_hf, name_maps_ms
 
     maps = name_maps_hf if hub == "hf" else name_maps_ms
     return maps.get(name, name)

@@ -23,17 +23,15 @@ from typing import Any
 from loguru import logger
 
 from transcribe.config import Config
-from transcribe.core.errors import ConfigError, TranscribeError
+from transcribe.core.errors import ConfigError
+from transcribe.core.metrics import PoolMetrics, worker_states
 from transcribe.core.task_dir import TaskDir, now_iso, write_atomic
 from transcribe.core.worker_process import EXIT_BOOT_FAILED, EXIT_OK, EXIT_RECYCLE, worker_main
 
+METRICS_INTERVAL = 2.0  # seconds between metrics text-file writes
 TICK = 0.25  # seconds between loop turns when nothing wakes us
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale worker
 MAX_EARLY_DEATHS = 3  # workers dying before ready, in a row, that stop the pool
-
-
-class PoolError(TranscribeError):
-    reason = "pool_failed"
 
 
 @dataclass
@@ -106,6 +104,10 @@ class Supervisor:
         self._lock_fd: int | None = None
         self._ctx: Any = None
         self.restarts_total = 0
+        self.metrics: PoolMetrics | None = None
+        if cfg.metrics.textfile:
+            self.metrics = PoolMetrics(self.td, cfg.resolve_path(cfg.metrics.textfile))
+        self._metrics_due = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -132,6 +134,7 @@ class Supervisor:
                 self._spawn_missing()
                 self._roll_generation()
                 self._write_status()
+                self._write_metrics()
                 time.sleep(TICK)
         finally:
             self._shutdown()
@@ -305,6 +308,17 @@ class Supervisor:
         for slot in live:
             self._requeue_jobs_of(slot.process.pid, f"worker {slot.worker_id} stopped by shutdown during the job")
         self._write_status(state="stopped")
+        self._metrics_due = 0.0
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        if self.metrics is None or time.time() < self._metrics_due:
+            return
+        self._metrics_due = time.time() + METRICS_INTERVAL
+        try:
+            self.metrics.update(worker_states(self.slots), self.restarts_total)
+        except OSError as e:
+            logger.warning("cannot write metrics to {}: {}", self.metrics.path, e)
 
     def _write_status(self, state: str = "running") -> None:
         info = {

@@ -29,6 +29,7 @@ from loguru import logger
 from transcribe.config import Config
 from transcribe.core.errors import TranscribeError
 from transcribe.core.formats import render
+from transcribe.core.notify import Notifier
 from transcribe.core.result import Result
 from transcribe.core.task_dir import Job, JobOptions, TaskDir, error_info, now_iso, write_atomic
 
@@ -127,33 +128,45 @@ def prepare_job(td: TaskDir, job: Job) -> JobOptions:
     return td.options(job)
 
 
-def finish_job(td: TaskDir, job: Job, result: Result, options: JobOptions, cfg: Config) -> Path:
+def finish_job(td: TaskDir, job: Job, result: Result, options: JobOptions, cfg: Config,
+               notifier: Notifier | None = None) -> Path:
     formats = list(dict.fromkeys(["json", *(options.formats or cfg.output.formats)]))
     outputs = {fmt: render(result, fmt) for fmt in formats}
-    return td.complete(job, outputs, keep_audio=cfg.pool.keep_audio)
+    path = td.complete(job, outputs, keep_audio=cfg.pool.keep_audio)
+    if notifier:
+        notifier.send("job.done", job_id=job.job_id, source=job.record.original_name, result_path=str(path),
+                      duration=result.duration, rtf=result.rtf, speakers=result.speakers)
+    return path
 
 
-def settle_failed_job(td: TaskDir, job: Job, exc: BaseException, worker_id: str) -> str:
+def settle_failed_job(td: TaskDir, job: Job, exc: BaseException, worker_id: str,
+                      notifier: Notifier | None = None) -> str:
     """Bad input fails the job now; anything retryable (FunASR error, full disk) requeues it."""
     info = error_info(exc)
     if isinstance(exc, TranscribeError) and not exc.retryable:
         td.fail(job, info, worker_id)
-        return "failed"
-    logger.opt(exception=exc if not isinstance(exc, (TranscribeError, OSError)) else None).warning(
-        "job {} hit a retryable error: {}", job.job_id, info["message"])
-    return td.release(job, info)
+        outcome = "failed"
+    else:
+        logger.opt(exception=exc if not isinstance(exc, (TranscribeError, OSError)) else None).warning(
+            "job {} hit a retryable error: {}", job.job_id, info["message"])
+        outcome = td.release(job, info)
+    if outcome == "failed" and notifier:
+        failed = td.failed / job.job_id
+        notifier.send("job.failed", job_id=job.job_id, source=job.record.original_name,
+                      error_path=str(failed / "error.json"), **info)
+    return outcome
 
 
-def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Config, worker_id: str
-            ) -> tuple[str, Result | None]:
+def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Config, worker_id: str,
+            notifier: Notifier | None = None) -> tuple[str, Result | None]:
     """Run one claimed job to done/, failed/ or back to inbox/. Never raises for a job's own fault."""
     try:
         options = prepare_job(td, job)
         result = transcribe(job.audio_path, speakers=options.speakers, hotwords=options.hotwords,
                             extension=job.extension, source_name=job.record.original_name)
-        path = finish_job(td, job, result, options, cfg)
+        path = finish_job(td, job, result, options, cfg, notifier)
     except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
-        return settle_failed_job(td, job, exc, worker_id), None
+        return settle_failed_job(td, job, exc, worker_id, notifier), None
     logger.info("job {} done: {:.1f}s audio, rtf {:.3f}, {} speakers -> {}", job.job_id, result.duration,
                 result.rtf, len(result.speakers), path.name)
     return "done", result
@@ -172,6 +185,7 @@ class Worker:
                                    self.td.tmp)
         self.stopping = False
         self.wake = threading.Event()
+        self.notifier = Notifier.from_config(cfg)
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True  # finish the job in hand, claim no more
@@ -187,6 +201,9 @@ class Worker:
             funasr_cfg = funasr_cfg.model_copy(update={"device": self.device_override})
         choice = DeviceManager.select_device(funasr_cfg)
         self.status.device, self.status.dtype = choice.device, choice.dtype
+        if choice.fell_back:
+            self.notifier.send("device.fallback", worker=self.worker_id, requested=choice.requested,
+                               device=choice.device, reason=choice.reason)
         transcriber = Transcriber(self.cfg, choice)
         self.status.patches = transcriber.patches
         warm = transcriber.warm_up()
@@ -221,6 +238,7 @@ class Worker:
             code = self._loop(transcriber)
         self.status.state = "exited"
         self.heartbeat.beat()
+        self.notifier.close()
         return code
 
     def _loop(self, transcriber: Any) -> int:
@@ -246,7 +264,7 @@ class Worker:
         self.heartbeat.beat()
         logger.info("job {} claimed by {} ({!r}, attempt {})", job.job_id, self.worker_id, job.record.original_name,
                     job.record.attempts)
-        outcome, result = run_job(self.td, job, transcriber.transcribe, self.cfg, self.worker_id)
+        outcome, result = run_job(self.td, job, transcriber.transcribe, self.cfg, self.worker_id, self.notifier)
         if outcome == "done" and result is not None:
             self.status.jobs_done += 1
             self.status.rtf_sum += result.rtf

@@ -1,6 +1,7 @@
 """Per-backend FunASR patches, applied where the model is built (each worker; never the supervisor).
 
-A backend module exposes ``NAME``, ``apply(funasr_version) -> list[str]`` (idempotent),
+A backend module exposes ``NAME``, ``plan(funasr_version)`` and ``apply(funasr_version)`` (idempotent),
+both returning patch names,
 ``model_kwargs(device) -> dict`` (AutoModel arguments that backend needs) and ``after_job()``.
 Only MPS needs anything today; CUDA and CPU run FunASR as it is.
 """
@@ -26,6 +27,12 @@ def apply_patches(device: str, funasr_version: str | None = None) -> list[str]:
     if backend is None:
         return []
     return backend.apply(funasr_version or version("funasr"))
+
+
+def planned_patches(device: str, funasr_version: str | None = None) -> list[str]:
+    """What `apply_patches` would apply for `device`, without applying anything."""
+    backend = _backend(device)
+    return backend.plan(funasr_version or version("funasr")) if backend else []
 
 
 def patched_model_kwargs(device: str) -> dict[str, Any]:

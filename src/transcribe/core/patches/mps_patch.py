@@ -71,6 +71,11 @@ def wrap_build_model(original: Callable[..., Any]) -> Callable[..., Any]:
     return build_model
 
 
+def plan(funasr_version: str) -> list[str]:
+    """What `apply` would install for this FunASR version (for `doctor`); changes nothing."""
+    return ["mps.fallback_env"] + (["mps.build_model"] if needs_build_model_wrapper(funasr_version) else [])
+
+
 def apply(funasr_version: str) -> list[str]:
     """Install what this FunASR version needs; idempotent. Returns the names of what is active."""
     applied = []
