@@ -26,7 +26,8 @@ from pathlib import Path
 
 SPECIALS = ["<blank>", "<s>", "</s>"]
 TEST_TEXT = "今天天气很好我们去公园散步吧这个项目的目标是把会议录音转成文字我觉得这个方案可以试一试好的那我们明天再讨论细节"
-REAL_VAD = Path(__file__).resolve().parents[3] / "shared" / "models" / "fsmn-vad"
+SHARED = Path(os.environ.get("TRANSCRIBE_SHARED", Path(__file__).resolve().parents[3] / "shared"))
+REAL_VAD = SHARED / "models" / "fsmn-vad"
 BUILDER_VERSION = "1"  # bump when a model recipe changes: the fixture cache key includes it
 
 

@@ -14,13 +14,12 @@ bare FunASR). It applies to CAM++ only; any other speaker model runs FunASR's pa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from loguru import logger
@@ -122,6 +121,7 @@ class Transcriber:
         self.load_time = time.perf_counter() - started
         self._stage_times: dict[str, float] = {}
         self._time_stages()
+        self._autocast_encoder()
         self.fast_diarization = self._enable_fast_diarization()
         logger.info("models loaded in {:.1f}s on {} (patches: {}; fast diarization: {})", self.load_time,
                     self.device.device, ", ".join(self.patches) or "none", self.fast_diarization)
@@ -176,21 +176,37 @@ class Transcriber:
             return False
         return self.model.spk_kwargs.get("batch_size") == FAST_DIARIZATION_BATCH
 
-    @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        if self.device.dtype == "float32":
-            yield
-            return
+    def _autocast_encoder(self) -> None:
+        """Lower precision (funasr.dtype) for the ASR encoder only, through ``torch.autocast``.
+
+        The encoder holds nearly all of the ASR arithmetic. Autocast over the whole of ``generate``
+        breaks FunASR's CIF predictor (``index_put`` of bf16 into a float32 tensor), and FunASR's own
+        ``bf16=True`` crashes in the encoder's LayerNorm; scoping autocast to the encoder and
+        returning float32 runs. The wrapper reads the dtype at each call; float32 passes straight through.
+        """
         import torch
 
-        with torch.autocast(device_type=self.device.kind, dtype=getattr(torch, self.device.dtype)):
-            yield
+        encoder = getattr(self.model.model, "encoder", None)
+        if encoder is None:
+            return
+        real = encoder.forward
+
+        @functools.wraps(real)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.device.dtype == "float32":
+                return real(*args, **kwargs)
+            with torch.autocast(device_type=self.device.kind, dtype=getattr(torch, self.device.dtype)):
+                out = real(*args, **kwargs)
+            as_float = (lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t)
+            return tuple(as_float(o) for o in out) if isinstance(out, tuple) else as_float(out)
+
+        encoder.forward = forward
 
     def generate(self, samples: np.ndarray, **kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """FunASR's ``generate`` on decoded samples, serialised, in the configured precision.
 
         Returns the output and the seconds spent per stage (vad, asr, punc, spk)."""
-        with self._lock, self._precision():
+        with self._lock:
             self._stage_times.clear()
             try:
                 return self.model.generate(input=samples, **kwargs), dict(self._stage_times)

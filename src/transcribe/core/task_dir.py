@@ -115,6 +115,7 @@ class JobRecord:
     attempts: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt that ended badly
     options: dict[str, Any] | None = None  # validated options (from submit); a raw sidecar.json otherwise
+    claimed: float | None = None  # unix time of the latest claim (inbox-to-claim latency)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, ensure_ascii=False, indent=2)
@@ -124,7 +125,7 @@ class JobRecord:
         d = json.loads(text)
         return cls(job_id=str(d["job_id"]), original_name=str(d["original_name"]), audio_name=str(d["audio_name"]),
                    created=str(d["created"]), attempts=int(d.get("attempts", 0)), history=list(d.get("history", [])),
-                   options=d.get("options"))
+                   options=d.get("options"), claimed=d.get("claimed"))
 
 
 @dataclass
@@ -317,6 +318,7 @@ class TaskDir:
                     os.rename(side, target / SIDECAR_FILE)
             record = JobRecord(job_id, entry.name, entry.name, now_iso())
         record.attempts += 1
+        record.claimed = time.time()
         write_atomic(target / JOB_FILE, record.to_json(), target, self.file_mode)
         lease = {"worker": worker_id, "pid": os.getpid(), "attempt": record.attempts, "started": now_iso(),
                  "started_ts": time.time()}

@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""Benchmark transcribe against bare FunASR on the same models, audio and options.
+
+Times, in one run: (a) bare ``AutoModel.generate``, (b) ``Transcriber``, (c) lock mode
+(``AsyncTranscriber``), optionally (b) again under bf16/fp16 autocast, and (d) the pool with 1, 2,
+N workers (throughput = audio seconds per wall second over a mixed-length job set). Warm-up first,
+median of repeats; model load and worker ready time reported separately; peak RSS and GPU memory;
+a parity check of (b) against (a) on every recording. Writes results.json and table.md to --out.
+
+    make bench                                              # tiny fixture models, CPU, quick
+    python tests/performance/bench.py --size large          # paraformer-zh architecture (247 M params)
+    python tests/performance/bench.py --size large --device cuda --minutes 1,10 --dtypes bfloat16
+
+Model weights are random (no hub here): speed is real, text is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
+
+from tests.support.model_factory import REAL_VAD, build_all, cache_key  # noqa: E402
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_peak_mb(device: str) -> float | None:
+    import torch
+
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return None
+
+
+def reset_gpu_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def segments_of(output: list[dict], duration: float) -> list[tuple]:
+    from transcribe.core.result import segments_from_funasr
+
+    _, segs, _ = segments_from_funasr(output, duration)
+    return [(s.start, s.end, s.text, s.speaker) for s in segs]
+
+
+def compare(a: list[tuple], b: list[tuple]) -> dict[str, Any]:
+    """Parity of two segment lists: identical text and labels, max timestamp difference."""
+    same_shape = len(a) == len(b)
+    text = same_shape and all(x[2] == y[2] for x, y in zip(a, b))
+    labels = same_shape and all(x[3] == y[3] for x, y in zip(a, b))
+    dt = max((max(abs(x[0] - y[0]), abs(x[1] - y[1])) for x, y in zip(a, b)), default=0.0) if same_shape else None
+    return {"segments": (len(a), len(b)), "text_equal": text, "labels_equal": labels,
+            "max_time_diff_ms": None if dt is None else round(dt * 1000, 3),
+            "parity": bool(text and labels and dt is not None and dt <= 0.010)}
+
+
+def make_audio(shared: Path, out: Path, minutes: list[float]) -> list[tuple[str, Path, float]]:
+    import numpy as np
+    import soundfile as sf
+
+    base, rate = sf.read(shared / "podcast_2speakers_60s.wav", dtype="float32")
+    items = []
+    for m in minutes:
+        path = out / f"podcast_{m:g}min.wav"
+        if not path.exists():
+            reps = int(np.ceil(m * 60 * rate / len(base)))
+            sf.write(path, np.tile(base, reps)[: int(m * 60 * rate)], rate)
+        items.append((f"{m:g} min", path, m * 60))
+    return items
+
+
+def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict) -> None:
+    import torch
+
+    from transcribe.config import config_from_dict
+    from transcribe.core.funasr_transcriber import AsyncTranscriber, Transcriber, build_generate_kwargs
+
+    t0 = time.perf_counter()
+    from funasr import AutoModel
+
+    report["funasr_import_s"] = round(time.perf_counter() - t0, 2)
+    device = args.device
+    cfg = config_from_dict({"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
+                                       "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
+                                       "device": device, "ncpu": args.ncpu, "batch_size_s": 300}}, REPO)
+    gen = build_generate_kwargs(cfg, speakers=2)
+    rows, parity = [], {}
+
+    t0 = time.perf_counter()
+    bare = AutoModel(model=str(models["asr"]), vad_model=str(models["vad"]), punc_model=str(models["punc"]),
+                     spk_model=str(models["spk"]), device=device, ncpu=args.ncpu, disable_update=True,
+                     disable_pbar=True)
+    report["load_s"] = {"bare": round(time.perf_counter() - t0, 2)}
+    bare.generate(input=str(audio[0][1]), **gen)  # warm-up
+    bare_out = {}
+    for label, path, seconds in audio:
+        reset_gpu_peak(device)
+        wall, out = median_time(lambda: bare.generate(input=str(path), **gen), args.repeats)
+        bare_out[label] = segments_of(out, seconds)
+        rows.append({"mode": "(a) bare FunASR", "audio": label, "wall_s": round(wall, 3),
+                     "rtf": round(wall / seconds, 5), "gpu_peak_mb": gpu_peak_mb(device)})
+        print(f"bare {label}: {wall:.2f}s rtf {wall / seconds:.4f}", flush=True)
+    del bare
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    t0 = time.perf_counter()
+    tr = Transcriber(cfg)
+    report["load_s"]["transcriber"] = round(time.perf_counter() - t0, 2)
+    tr.transcribe(audio[0][1], speakers=2)  # warm-up
+    variants = [("(b) Transcriber", tr.device.dtype)] + [(f"(b) Transcriber {d}", d) for d in args.dtypes]
+    base_choice = tr.device
+    for mode, dtype in variants:
+        tr.device = dataclasses.replace(base_choice, dtype=dtype)
+        if dtype != base_choice.dtype:
+            tr.transcribe(audio[0][1], speakers=2)  # warm-up in this precision
+        for label, path, seconds in audio:
+            reset_gpu_peak(device)
+            wall, result = median_time(lambda: tr.transcribe(path, speakers=2), args.repeats)
+            got = [(s.start, s.end, s.text, s.speaker) for s in result.segments]
+            parity[f"{mode} / {label}"] = compare(bare_out[label], got)
+            rows.append({"mode": mode, "audio": label, "wall_s": round(wall, 3), "rtf": round(wall / seconds, 5),
+                         "stages": result.timings, "gpu_peak_mb": gpu_peak_mb(device),
+                         "parity": parity[f"{mode} / {label}"]["parity"]})
+            print(f"{mode} {label}: {wall:.2f}s rtf {wall / seconds:.4f} {result.timings} "
+                  f"parity={parity[f'{mode} / {label}']}", flush=True)
+    tr.device = base_choice
+
+    async def lock_mode(path: Path) -> Any:
+        return await at.transcribe(path, speakers=2)
+
+    at = AsyncTranscriber(tr)
+    loop = asyncio.new_event_loop()
+    for label, path, seconds in audio:
+        wall, _ = median_time(lambda: loop.run_until_complete(lock_mode(path)), args.repeats)
+        rows.append({"mode": "(c) lock mode", "audio": label, "wall_s": round(wall, 3),
+                     "rtf": round(wall / seconds, 5)})
+        print(f"lock {label}: {wall:.2f}s", flush=True)
+    loop.run_until_complete(at.aclose())
+    loop.close()
+
+    # The pool's reference: the same job set run back to back in one Transcriber.
+    jobs = job_set(audio, args.pool_jobs)
+    t0 = time.perf_counter()
+    for _, path, _ in jobs:
+        tr.transcribe(path, speakers=2)
+    wall = time.perf_counter() - t0
+    report["transcriber_jobset"] = {"wall_s": round(wall, 3), "audio_s": sum(j[2] for j in jobs),
+                                    "x_realtime": round(sum(j[2] for j in jobs) / wall, 1)}
+    report["rows"] += rows
+    report["parity"] = parity
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+
+
+def job_set(audio: list, n: int) -> list:
+    """n jobs of mixed lengths: cycle through the recordings (short and long)."""
+    return [audio[i % len(audio)] for i in range(n)]
+
+
+def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict, out: Path) -> None:
+    from tests.support.pool_helpers import Server, ready_workers, results, wait_until
+    from transcribe.core.task_dir import JobOptions, TaskDir
+
+    jobs = job_set(audio, args.pool_jobs)
+    audio_total = sum(j[2] for j in jobs)
+    for n in args.pool_workers:
+        root = out / f"pool-{n}"
+        root.mkdir(parents=True, exist_ok=True)
+        cfg = {"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
+                          "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
+                          "device": args.device, "ncpu": max(1, (os.cpu_count() or 1) // n)},
+               "pool": {"task_dir": "tasks", "workers": n, "heartbeat_timeout": 300, "keep_audio": True,
+                        "settle_seconds": 1.0},
+               "output": {"formats": ["json"]}, "logging": {"dir": "logs"}}
+        (root / "config.json").write_text(json.dumps(cfg))
+        t0 = time.time()
+        srv = Server(root / "config.json", workers=n)
+        try:
+            wait_until(lambda: ready_workers(root / "tasks", n), 600, f"{n} workers ready", interval=0.05)
+            ready = time.time() - t0
+            td = TaskDir(root / "tasks")
+            t1 = time.time()
+            for _, path, _ in jobs:
+                td.submit(path, JobOptions(speakers=2))
+            wait_until(lambda: len(results(root / "tasks")) >= len(jobs), 3600, "all jobs", interval=0.05)
+            wall = time.time() - t1
+            statuses = [json.loads(p.read_text()) for p in (root / "tasks" / "workers").glob("*.json")]
+            assert srv.terminate(120) == 0
+        finally:
+            srv.kill_group()
+        row = {"mode": f"(d) pool x{n}", "audio": f"{len(jobs)} jobs, {audio_total / 60:.0f} min", "wall_s": round(wall, 3),
+               "x_realtime": round(audio_total / wall, 1), "ready_s": round(ready, 2),
+               "worker_ready_s": sorted(s.get("ready_after_s") for s in statuses),
+               "worker_rss_mb": sorted(s.get("rss_mb") for s in statuses)}
+        row["claim_latency_ms"] = claim_latencies(root / "tasks")
+        report["rows"].append(row)
+        print(f"pool x{n}: {wall:.1f}s for {audio_total:.0f}s audio = {audio_total / wall:.1f}x realtime; "
+              f"ready {ready:.1f}s {row['claim_latency_ms']}", flush=True)
+
+
+def claim_latencies(task_dir: Path) -> dict[str, float] | None:
+    """Inbox-to-claim latency (submit -> claim, ms). `idle` is the first claim after the drop, when a
+    worker was waiting; later jobs wait in the queue for a busy worker, which is not claim latency."""
+    lat = []
+    for job_json in task_dir.glob("done/*/job.json"):
+        rec = json.loads(job_json.read_text())
+        if rec.get("claimed"):
+            created = datetime.fromisoformat(rec["created"]).timestamp()
+            lat.append((rec["claimed"] - created) * 1000)
+    if not lat:
+        return None
+    lat.sort()
+    return {"idle": round(lat[0], 1), "queued_median": round(statistics.median(lat), 1)}
+
+
+def print_table(report: dict) -> str:
+    base = {r["audio"]: r["wall_s"] for r in report["rows"] if r["mode"] == "(a) bare FunASR"}
+    lines = ["| mode | audio | wall s | RTF | vs bare | x realtime | parity | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        ratio = f"{base[r['audio']] / r['wall_s']:.2f}x" if r["audio"] in base and r["mode"] != "(a) bare FunASR" else ""
+        notes = []
+        if r.get("stages"):
+            notes.append(" ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if k != "decode"))
+        if r.get("gpu_peak_mb"):
+            notes.append(f"GPU peak {r['gpu_peak_mb']:.0f} MB")
+        if r.get("ready_s") is not None:
+            notes.append(f"ready {r['ready_s']}s (workers {r['worker_ready_s']}), claim latency ms "
+                         f"{r['claim_latency_ms']}, worker RSS MB {r['worker_rss_mb']}")
+        lines.append(f"| {r['mode']} | {r['audio']} | {r['wall_s']} | {r.get('rtf', '')} | {ratio} | "
+                     f"{r.get('x_realtime', '')} | {r.get('parity', '')} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["tiny", "large"], default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--minutes", default="1", help="recording lengths (tiles of the 60 s podcast), e.g. 1,10,60")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ncpu", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--dtypes", default="", help="extra autocast dtypes to time and check, e.g. bfloat16,float16")
+    ap.add_argument("--pool-workers", default="1,2", help="pool sizes to time; empty to skip")
+    ap.add_argument("--pool-jobs", type=int, default=6)
+    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("TRANSCRIBE_SHARED", REPO.parent / "shared")))
+    ap.add_argument("--models", type=Path, help="model cache dir (default .cache/bench-models)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench-out", help="results.json and table.md go here")
+    ap.add_argument("--work", type=Path, help="scratch: tiled audio, pool task dirs (default: OUT/work)")
+    args = ap.parse_args()
+    args.work = args.work or args.out / "work"
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    if args.dtypes and args.device == "cpu":
+        print("note: --dtypes applies to cuda/mps only (half precision is refused on the cpu)")
+        args.dtypes = []
+    args.pool_workers = [int(n) for n in args.pool_workers.split(",") if n]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    asr_class = "SeacoParaformer" if args.size == "large" else "Paraformer"
+    cache = args.models or REPO / ".cache" / "bench-models"
+    t0 = time.perf_counter()
+    models = build_all(cache / cache_key(args.size, asr_class), args.size, asr_class)
+    built = time.perf_counter() - t0
+    audio = make_audio(args.shared / "audio", args.work, [float(m) for m in args.minutes.split(",")])
+    report: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "platform": platform.platform()},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "models": {"size": args.size, "asr_class": asr_class, "vad": "real fsmn-vad" if REAL_VAD.is_dir() else "energy",
+                   "build_s": round(built, 1)},
+        "rows": [],
+    }
+    run_single_process(args, models, audio, report)
+    if args.pool_workers:
+        run_pool(args, models, audio, report, args.work)
+    table = print_table(report)
+    report["table"] = table
+    (args.out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (args.out / "table.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
