@@ -198,7 +198,7 @@ def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, rep
         root.mkdir(parents=True, exist_ok=True)
         cfg = {"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                           "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
-                          "device": args.device, "ncpu": max(1, (os.cpu_count() or 1) // n)},
+                          "device": args.device, "ncpu": max(1, min(args.ncpu, (os.cpu_count() or 1) // n))},
                "pool": {"task_dir": "tasks", "workers": n, "heartbeat_timeout": 300, "keep_audio": True,
                         "settle_seconds": 1.0},
                "output": {"formats": ["json"]}, "logging": {"dir": "logs"}}
