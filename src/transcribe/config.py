@@ -87,6 +87,9 @@ class PoolConfig(_Section):
     settle_seconds: float = Field(default=1.0, ge=0)
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_timeout: float = Field(default=60.0, gt=0)
+    # A busy worker whose model makes no progress (no FunASR sub-model call starts) for this long
+    # stops beating, so the supervisor kills it after heartbeat_timeout and requeues the job.
+    job_stall_timeout: float = Field(default=600.0, gt=0)
     boot_timeout: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)

@@ -36,6 +36,7 @@ from transcribe.core.errors import (
 )
 from transcribe.core.patches import after_job, apply_patches, patched_model_kwargs
 from transcribe.core.result import Result, segments_from_funasr
+from transcribe.core.fault_injection import crash_point
 
 FAST_DIARIZATION_BATCH = 256  # CAM++ windows per forward call (1.5 s each: ~150 frames x 80 mels)
 FAST_DIARIZATION_MODELS = ("CAMPPlus",)
@@ -116,6 +117,9 @@ class Transcriber:
         model_store.check_remote_refs(self.refs, check_network)
         self.models = {ref.role: ref.load_arg for ref in self.refs.values()}
         self._lock = threading.Lock()
+        # Called with the stage name ("vad", "asr", "punc", "spk") as each FunASR sub-model call starts:
+        # a worker's heartbeat uses it to tell a long job that progresses from one that hangs.
+        self.on_progress: Callable[[str], None] | None = None
         started = time.perf_counter()
         self.model = self._build()
         self.load_time = time.perf_counter() - started
@@ -157,11 +161,13 @@ class Transcriber:
 
         @functools.wraps(real)
         def timed(*args: Any, model: Any = None, **kwargs: Any) -> Any:
+            stage = names.get(id(model), "asr")
+            if self.on_progress is not None:
+                self.on_progress(stage)
             t0 = time.perf_counter()
             try:
                 return real(*args, model=model, **kwargs)
             finally:
-                stage = names.get(id(model), "asr")
                 times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
 
         self.model.inference = timed
@@ -237,6 +243,7 @@ class Transcriber:
         kwargs = build_generate_kwargs(self.config, speakers=speakers, hotwords=hotwords, batch_size_s=batch_size_s)
         gen_start = time.perf_counter()
         try:
+            crash_point("generate")  # test hook (reliability suite: a model call that never returns)
             output, stages = self.generate(audio.samples, **kwargs)
         except TranscribeError:
             raise

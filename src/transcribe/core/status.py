@@ -41,6 +41,7 @@ def collect_status(cfg: Config) -> dict[str, Any]:
             workers.append({
                 "worker_id": w.get("worker_id"), "pid": w.get("pid"), "device": w.get("device"), "state": state,
                 "job": w.get("job"), "job_elapsed_s": round(now - started, 1) if started and w.get("job") else None,
+                "job_stage": w.get("job_stage") if w.get("job") else None,
                 "jobs_done": w.get("jobs_done", 0), "jobs_failed": w.get("jobs_failed", 0),
                 "mean_rtf": w.get("mean_rtf"), "heartbeat_age_s": round(age, 1), "rss_mb": w.get("rss_mb"),
             })
@@ -71,6 +72,6 @@ def print_status(info: dict[str, Any]) -> None:
             table.add_column(col)
         for w in info["workers"]:
             table.add_row(str(w["worker_id"]), str(w["pid"]), str(w["device"]), w["state"], w["job"] or "-",
-                          f"{w['job_elapsed_s']}s" if w["job_elapsed_s"] is not None else "-", str(w["jobs_done"]),
+                          f"{w['job_elapsed_s']}s {w['job_stage'] or ''}" if w["job_elapsed_s"] is not None else "-", str(w["jobs_done"]),
                           str(w["jobs_failed"]), str(w["mean_rtf"] or "-"), str(w["rss_mb"] or "-"))
         console.print(table)

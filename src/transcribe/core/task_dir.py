@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from transcribe.config import validate_formats
 from transcribe.core.errors import SidecarError, TranscribeError
+from transcribe.core.fault_injection import crash_point
 
 STATES = ("inbox", "tmp", "processing", "done", "failed")
 JOB_SUFFIX = ".job"  # a requeued or submitted job in inbox/: a directory holding audio + job.json
@@ -182,23 +183,6 @@ class _suppress_missing:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         return exc_type is not None and issubclass(exc_type, FileNotFoundError)
-
-
-# Test hook: TRANSCRIBE_CRASH_AT=<point> makes the process die (os._exit) at that step of the job
-# lifecycle, so the reliability tests can prove recovery from a crash at every step. Unset: a no-op.
-# TRANSCRIBE_ENOSPC_AT=<point> raises OSError(ENOSPC) there instead (a full disk at that write).
-CRASH_POINTS = (
-    "claim.before", "claim.after", "result.before_write", "result.before_rename", "result.after_rename",
-    "cleanup.after",
-)
-CRASH_EXIT_CODE = 86
-
-
-def crash_point(name: str) -> None:
-    if os.environ.get("TRANSCRIBE_CRASH_AT") == name:
-        os._exit(CRASH_EXIT_CODE)
-    if os.environ.get("TRANSCRIBE_ENOSPC_AT") == name:
-        raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
 
 
 def _is_candidate(name: str) -> bool:

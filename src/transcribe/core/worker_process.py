@@ -49,6 +49,8 @@ class WorkerStatus:
     ready_after_s: float | None = None
     job: str | None = None
     job_started_ts: float | None = None
+    job_stage: str | None = None  # the FunASR stage running now: vad, asr, spk, punc
+    progress_ts: float | None = None  # when the job last made progress (a sub-model call started)
     jobs_done: int = 0
     jobs_failed: int = 0
     rtf_sum: float = 0.0
@@ -76,14 +78,29 @@ def current_rss_mb() -> float:
 
 
 class Heartbeat(threading.Thread):
-    """Rewrites the status file every `interval` seconds; its mtime is the worker's heartbeat."""
+    """Rewrites the status file every `interval` seconds; its mtime is the worker's heartbeat.
 
-    def __init__(self, path: Path, status: WorkerStatus, interval: float, staging: Path) -> None:
+    Beating from a thread keeps a worker alive through a long ``generate``; but a busy worker whose
+    job has made no progress for `stall_timeout` (a model call that never returns) stops beating,
+    so the supervisor's heartbeat check kills it and requeues the job.
+    """
+
+    def __init__(self, path: Path, status: WorkerStatus, interval: float, staging: Path,
+                 stall_timeout: float = float("inf")) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self.path, self.status, self.interval, self.staging = path, status, interval, staging
+        self.stall_timeout = stall_timeout
         self._stop_event = threading.Event()
 
+    def stalled(self) -> bool:
+        s = self.status
+        return s.state == "busy" and s.progress_ts is not None and time.time() - s.progress_ts > self.stall_timeout
+
     def beat(self) -> None:
+        if self.stalled():
+            logger.error("job {} made no progress for {:.0f}s (pool.job_stall_timeout); heartbeat stops",
+                         self.status.job, time.time() - (self.status.progress_ts or 0))
+            return
         self.status.rss_mb = round(current_rss_mb(), 1)
         try:
             write_atomic(self.path, self.status.to_json(), self.staging, 0o640)
@@ -182,7 +199,7 @@ class Worker:
         self.td = TaskDir.from_config(cfg)
         self.status = WorkerStatus(worker_id, os.getpid())
         self.heartbeat = Heartbeat(self.td.workers / f"{worker_id}.json", self.status, cfg.pool.heartbeat_interval,
-                                   self.td.tmp)
+                                   self.td.tmp, cfg.pool.job_stall_timeout)
         self.stopping = False
         self.wake = threading.Event()
         self.notifier = Notifier.from_config(cfg)
@@ -206,6 +223,7 @@ class Worker:
                                device=choice.device, reason=choice.reason)
         transcriber = Transcriber(self.cfg, choice)
         self.status.patches = transcriber.patches
+        transcriber.on_progress = self._progress
         warm = transcriber.warm_up()
         self.status.ready_after_s = round(time.perf_counter() - started, 2)
         logger.info("worker {} ready on {} in {:.1f}s (load {:.1f}s, warm-up {:.2f}s)", self.worker_id,
@@ -213,7 +231,10 @@ class Worker:
         return transcriber
 
     def should_recycle(self) -> str | None:
+        """Checked between jobs; never before the first one, so a low limit cannot stop all progress."""
         p = self.cfg.pool
+        if self.status.jobs_done + self.status.jobs_failed == 0:
+            return None
         if p.max_jobs_per_worker and self.status.jobs_done + self.status.jobs_failed >= p.max_jobs_per_worker:
             return f"{p.max_jobs_per_worker} jobs done (pool.max_jobs_per_worker)"
         if p.max_rss_mb and current_rss_mb() > p.max_rss_mb:
@@ -259,8 +280,12 @@ class Worker:
             self._run(job, transcriber)
         return EXIT_OK
 
+    def _progress(self, stage: str) -> None:
+        self.status.job_stage, self.status.progress_ts = stage, time.time()
+
     def _run(self, job: Job, transcriber: Any) -> None:
         self.status.state, self.status.job, self.status.job_started_ts = "busy", job.job_id, time.time()
+        self.status.progress_ts, self.status.job_stage = time.time(), "decode"
         self.heartbeat.beat()
         logger.info("job {} claimed by {} ({!r}, attempt {})", job.job_id, self.worker_id, job.record.original_name,
                     job.record.attempts)
@@ -272,6 +297,7 @@ class Worker:
         elif outcome == "failed":
             self.status.jobs_failed += 1
         self.status.state, self.status.job, self.status.job_started_ts = "ready", None, None
+        self.status.job_stage = self.status.progress_ts = None
         self.heartbeat.beat()
 
 

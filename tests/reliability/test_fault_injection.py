@@ -1,0 +1,147 @@
+"""Kill, starve and hang the machinery; every job still ends exactly once, in done/ or failed/.
+
+Fast tests run in CI; `-m soak` runs the long worker-kill soak (docs/operations.md has the figures).
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AUDIO, needs_shared, shared_audio
+from tests.support.pool_helpers import (
+    Server,
+    assert_exactly_once,
+    failed,
+    ready_workers,
+    results,
+    wait_until,
+    workers_status,
+)
+from transcribe.config import load_config
+from transcribe.core.fault_injection import CRASH_EXIT_CODE, CRASH_POINTS
+from transcribe.core.task_dir import JobOptions, TaskDir
+from transcribe.core.worker_process import run_job
+
+pytestmark = needs_shared
+CHILD = Path(__file__).with_name("crash_child.py")
+COMMITTED = ("result.after_rename", "cleanup.after")  # the result was in done/ before the crash
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_at_every_step_then_restart(point, pool_cfg, transcriber, monkeypatch):
+    cfg_path, task_dir = pool_cfg()
+    cfg = load_config(cfg_path)
+    td = TaskDir.from_config(cfg).ensure()
+    src = task_dir / "inbox" / "job one.wav"
+    src.write_bytes(shared_audio("tts_1speaker_5s.wav").read_bytes())
+    os.utime(src, (time.time() - 5,) * 2)
+    child = subprocess.run([sys.executable, str(CHILD), str(cfg_path)], capture_output=True, text=True,
+                           env={**os.environ, "TRANSCRIBE_CRASH_AT": point}, timeout=300)
+    assert child.returncode == CRASH_EXIT_CODE, child.stderr[-2000:]
+
+    calls = []
+    real = transcriber.transcribe
+    monkeypatch.setattr(transcriber, "transcribe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outcomes = td.recover_all("supervisor_restart", f"crashed at {point}")  # what a restarted server does
+    while (job := td.claim_next("w-restart")) is not None:
+        run_job(td, job, transcriber.transcribe, cfg, "w-restart")
+    print(f"crash at {point}: recovery {outcomes}, transcribed again: {len(calls)}")
+    assert assert_exactly_once(task_dir, ["job one.wav"]) == {"done": 1, "failed": 0}
+    if point in COMMITTED:  # never transcribed twice; recovery only finishes the cleanup, if any is left
+        assert calls == [] and list(outcomes.values()) == (["completed"] if point == "result.after_rename" else [])
+    else:
+        assert len(calls) == 1
+
+
+def test_disk_full_at_result_write(pool_cfg, transcriber, monkeypatch):
+    cfg_path, task_dir = pool_cfg(max_attempts=2)
+    cfg = load_config(cfg_path)
+    td = TaskDir.from_config(cfg).ensure()
+    td.submit(shared_audio("tts_1speaker_5s.wav"))
+    td.submit(shared_audio("tts_1speaker_5s.wav"))
+    monkeypatch.setenv("TRANSCRIBE_ENOSPC_AT", "result.before_rename")
+    outcomes = []
+    while (job := td.claim_next("w1")) is not None and len(outcomes) < 10:
+        outcomes.append(run_job(td, job, transcriber.transcribe, cfg, "w1")[0])
+        assert list(td.done.iterdir()) == []  # never a partial result
+    assert outcomes == ["requeued", "requeued", "failed", "failed"]
+    for err in failed(task_dir).values():
+        assert err["reason"] == "max_attempts_exceeded" and err["last_reason"] == "ENOSPC"
+    monkeypatch.delenv("TRANSCRIBE_ENOSPC_AT")  # disk freed: retry works, the same worker carries on
+    for job_id in td.failed_ids():
+        td.retry(job_id)
+    while (job := td.claim_next("w1")) is not None:
+        assert run_job(td, job, transcriber.transcribe, cfg, "w1")[0] == "done"
+    assert td.counts() == {"inbox": 0, "processing": 0, "done": 2, "failed": 0}
+
+
+def test_hung_worker_is_killed_and_its_job_retried(pool_cfg, tmp_path):
+    cfg_path, task_dir = pool_cfg(workers=1, heartbeat_timeout=3, job_stall_timeout=2)
+    env = {"TRANSCRIBE_HANG_AT": "generate", "TRANSCRIBE_HOOK_ONCE": str(tmp_path / "hung-once")}
+    srv = Server(cfg_path, workers=1, env=env)
+    try:
+        wait_until(lambda: ready_workers(task_dir, 1), 120, "worker ready")
+        first_pid = workers_status(task_dir)["w1"]["pid"]
+        TaskDir(task_dir).submit(shared_audio("tts_1speaker_5s.wav"))
+        wait_until(lambda: results(task_dir), 180, "the retried job's result")
+        assert srv.terminate() == 0
+    finally:
+        srv.kill_group()
+    assert (tmp_path / "hung-once").exists()  # the hang did happen
+    assert_exactly_once(task_dir, ["tts_1speaker_5s.wav"])
+    record = json.loads(next(task_dir.glob("done/*/job.json")).read_text())
+    assert record["attempts"] == 2 and record["history"][0]["reason"] == "worker_died"
+    assert workers_status(task_dir)["w1"]["pid"] != first_pid
+    assert "heartbeat" in srv.output() and "made no progress" in srv.output()
+
+
+def kill_soak(pool_cfg, n_jobs, kill_every, kill_for):
+    cfg_path, task_dir = pool_cfg(workers=3, max_attempts=5)
+    srv = Server(cfg_path, workers=3)
+    names = []
+    try:
+        wait_until(lambda: ready_workers(task_dir, 3), 180, "3 workers ready")
+        td = TaskDir(task_dir)
+        sources = [AUDIO / "podcast_2speakers_60s.wav", AUDIO / "tts_1speaker_5s.wav", AUDIO / "silence_5s.wav"]
+        for i in range(n_jobs):
+            src = sources[i % len(sources)]
+            staged = task_dir.parent / f"job{i:03d}{src.suffix}"
+            staged.write_bytes(src.read_bytes())
+            td.submit(staged, JobOptions(speakers=2) if i % 3 == 0 else None)
+            names.append(staged.name)
+        rng, kills, deadline = random.Random(7), 0, time.time() + kill_for
+        while time.time() < deadline and len(results(task_dir)) + len(failed(task_dir)) < n_jobs:
+            time.sleep(kill_every)
+            alive = [w for w in workers_status(task_dir).values() if w.get("state") in ("ready", "busy")]
+            if alive:
+                os.kill(rng.choice(alive)["pid"], signal.SIGKILL)
+                kills += 1
+        wait_until(lambda: len(results(task_dir)) + len(failed(task_dir)) >= n_jobs, 600, "all jobs settled")
+        assert srv.terminate() == 0
+    finally:
+        srv.kill_group()
+    counts = assert_exactly_once(task_dir, names)
+    done_ids = [p.stem for p in (task_dir / "done").glob("*.json")]
+    assert len(done_ids) == len(set(done_ids))
+    for r in results(task_dir):
+        assert r["duration"] > 0 and all(0 <= s["start"] <= s["end"] <= r["duration"] for s in r["segments"])
+    print(f"\nworker-kill soak: {n_jobs} jobs, {kills} SIGKILLs -> done {counts['done']}, failed {counts['failed']}")
+    return counts, kills
+
+
+def test_worker_kill_soak_fast(pool_cfg):
+    counts, kills = kill_soak(pool_cfg, n_jobs=60, kill_every=3.0, kill_for=30)
+    assert kills >= 5
+
+
+@pytest.mark.soak
+def test_worker_kill_soak_long(pool_cfg):
+    counts, kills = kill_soak(pool_cfg, n_jobs=240, kill_every=4.0, kill_for=240)
+    assert kills >= 30
