@@ -1,0 +1,96 @@
+"""Lock mode under 100 callers with cancellations and timeouts; worker memory over 200 jobs; recycling."""
+
+import asyncio
+import random
+
+import pytest
+
+from tests.conftest import needs_shared, shared_audio
+from tests.support.pool_helpers import Server, assert_exactly_once, ready_workers, results, wait_until
+from transcribe.core import errors
+from transcribe.core.funasr_transcriber import AsyncTranscriber
+from transcribe.core.task_dir import TaskDir
+from transcribe.core.worker_process import current_rss_mb
+
+pytestmark = needs_shared
+
+
+async def test_100_callers_half_cancelled(transcriber, tmp_path):
+    good = shared_audio("tts_1speaker_5s.wav")
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    at = AsyncTranscriber(transcriber)
+    rng = random.Random(3)
+    inside, max_inside = 0, 0
+    real = transcriber.model.generate
+
+    def counting(**kw):
+        nonlocal inside, max_inside
+        inside += 1
+        max_inside = max(max_inside, inside)
+        try:
+            return real(**kw)
+        finally:
+            inside -= 1
+
+    transcriber.model.generate = counting
+    try:
+        calls = [asyncio.create_task(at.transcribe(bad if i % 10 == 0 else good)) for i in range(100)]
+        to_cancel = rng.sample(range(100), 50)
+        for i in to_cancel:  # at random points: some queued, some running
+            await asyncio.sleep(rng.uniform(0, 0.05))
+            calls[i].cancel()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(outcomes[i], asyncio.CancelledError) or not isinstance(outcomes[i], BaseException)
+                   or isinstance(outcomes[i], errors.AudioDecodeError) for i in to_cancel)
+        for i, o in enumerate(outcomes):
+            if i in to_cancel:
+                continue
+            if i % 10 == 0:
+                assert isinstance(o, errors.AudioDecodeError)  # its own error, nobody else's
+            else:
+                assert not isinstance(o, BaseException) and o.segments
+        assert max_inside == 1
+        # per-call timeout, then the lock frees and later calls work
+        with pytest.raises(errors.TranscriptionTimeout):
+            await at.transcribe(shared_audio("podcast_2speakers_60s.wav"), timeout=0.01)
+        assert (await at.transcribe(good, timeout=60)).segments
+        assert not at.busy
+    finally:
+        transcriber.model.generate = real
+        await at.aclose()
+
+
+def test_memory_over_200_jobs(transcriber):
+    path = shared_audio("tts_1speaker_5s.wav")
+    for _ in range(20):  # warm-up: allocator pools, caches
+        transcriber.transcribe(path)
+    before = current_rss_mb()
+    for _ in range(200):
+        transcriber.transcribe(path)
+    after = current_rss_mb()
+    growth = (after - before) / before
+    print(f"\nRSS after warm-up {before:.0f} MB, after 200 jobs {after:.0f} MB: {growth * 100:+.1f}%")
+    assert growth < 0.10
+
+
+@pytest.mark.parametrize("limit", [{"max_jobs_per_worker": 2}, {"max_rss_mb": 1}])
+def test_recycling_between_jobs_loses_nothing(pool_cfg, limit):
+    cfg_path, task_dir = pool_cfg(workers=1, **limit)
+    srv = Server(cfg_path, workers=1)
+    names = [f"r{i}.wav" for i in range(5)]
+    try:
+        wait_until(lambda: ready_workers(task_dir, 1), 120, "worker ready")
+        td = TaskDir(task_dir)
+        for n in names:
+            staged = task_dir.parent / n
+            staged.write_bytes(shared_audio("tts_1speaker_5s.wav").read_bytes())
+            td.submit(staged)
+        wait_until(lambda: len(results(task_dir)) >= 5, 240, "all jobs")
+        assert srv.terminate() == 0
+    finally:
+        srv.kill_group()
+    assert_exactly_once(task_dir, names)
+    out = srv.output()
+    assert out.count("recycling") >= (2 if "max_jobs_per_worker" in limit else 4)
+    assert "died" not in out
