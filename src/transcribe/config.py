@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -83,7 +84,9 @@ class PoolConfig(_Section):
     workers: int | Literal["auto"] = 2
     # One device per worker ("cuda:0", "cuda:1", "cpu", ...); None spreads workers over what is found.
     devices: list[str] | None = None
-    start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
+    # forkserver: workers fork from a server process that has imported FunASR once (fast respawn);
+    # spawn: each worker imports everything itself. Never fork: CUDA cannot be used after fork.
+    start_method: Literal["spawn", "forkserver"] = "forkserver" if sys.platform.startswith("linux") else "spawn"
     settle_seconds: float = Field(default=1.0, ge=0)
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_timeout: float = Field(default=60.0, gt=0)

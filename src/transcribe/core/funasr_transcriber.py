@@ -262,6 +262,28 @@ class Transcriber:
         )
 
 
+def share_main_malloc_arena() -> bool:
+    """Make threads allocate from glibc's main malloc arena (``mallopt(M_ARENA_MAX, 1)``).
+
+    Lock mode runs FunASR in a worker thread. glibc gives each new thread its own arena, whose heaps
+    are capped at 64 MB, so the tens-of-MB activations of CAM++ and the encoder are mmapped and
+    page-faulted afresh on every call there, while the main arena reuses them: measured on the
+    2-core machine, the same 60 s job took 8.6 s in a thread against 5.7 s in the main thread, and
+    6.8 s in the thread with one arena. Must run before the thread first allocates. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-8, 1))  # M_ARENA_MAX = -8 in glibc's malloc.h
+    except (OSError, AttributeError):
+        return False
+
+
 class AsyncTranscriber:
     """Lock mode: one in-process model shared by coroutines.
 
@@ -277,6 +299,7 @@ class AsyncTranscriber:
     def __init__(self, transcriber: Transcriber) -> None:
         self.transcriber = transcriber
         self._lock = asyncio.Lock()
+        share_main_malloc_arena()  # before the model thread exists: see the function
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funasr")
 
     @classmethod

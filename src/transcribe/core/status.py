@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
 from transcribe.config import Config
 from transcribe.core.task_dir import TaskDir
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from transcribe.core.worker_process import pid_alive
 
 
 def collect_status(cfg: Config) -> dict[str, Any]:
@@ -34,7 +22,7 @@ def collect_status(cfg: Config) -> dict[str, Any]:
                 age = now - path.stat().st_mtime
             except (OSError, ValueError):
                 continue
-            alive = _pid_alive(w.get("pid")) and w.get("state") not in ("exited", "boot_failed")
+            alive = pid_alive(w.get("pid")) and w.get("state") not in ("exited", "boot_failed")
             stale = age > cfg.pool.heartbeat_timeout
             state = w.get("state") if alive and not stale else ("stale" if alive else "gone")
             started = w.get("job_started_ts")
@@ -48,7 +36,7 @@ def collect_status(cfg: Config) -> dict[str, Any]:
     server: dict[str, Any] = {}
     try:
         server = json.loads((td.root / "supervisor.json").read_text(encoding="utf-8"))
-        server["alive"] = _pid_alive(server.get("pid")) and server.get("state") == "running"
+        server["alive"] = pid_alive(server.get("pid")) and server.get("state") == "running"
     except (OSError, ValueError):
         server = {"alive": any(w["state"] not in ("gone", "stale") for w in workers)}
     oldest = td.oldest_waiting()

@@ -151,7 +151,10 @@ class Supervisor:
     def _context(self) -> Any:
         import multiprocess
 
-        return multiprocess.get_context(self.cfg.pool.start_method)
+        ctx = multiprocess.get_context(self.cfg.pool.start_method)
+        if self.cfg.pool.start_method == "forkserver":
+            ctx.set_forkserver_preload(["transcribe.core.preload"])  # FunASR imported once, not per worker
+        return ctx
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame: Any) -> None:

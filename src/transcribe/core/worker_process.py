@@ -77,6 +77,20 @@ def current_rss_mb() -> float:
         return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def pid_alive(pid: int | None) -> bool:
+    """Whether process `pid` exists (the supervisor, for a worker: not getppid(), since with
+    forkserver the parent is the fork server)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Heartbeat(threading.Thread):
     """Rewrites the status file every `interval` seconds; its mtime is the worker's heartbeat.
 
@@ -265,7 +279,7 @@ class Worker:
     def _loop(self, transcriber: Any) -> int:
         idle_wait = min(self.cfg.pool.rescan_interval, max(self.cfg.pool.settle_seconds, 0.05))
         while not self.stopping:
-            if os.getppid() != self.parent_pid:
+            if not pid_alive(self.parent_pid):
                 logger.error("worker {}: supervisor is gone; exiting", self.worker_id)
                 return EXIT_ORPHANED
             reason = self.should_recycle()
