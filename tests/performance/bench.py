@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="", help="extra autocast dtypes to time and check, e.g. bfloat16,float16")
     ap.add_argument("--pool-workers", default="1,2", help="pool sizes to time; empty to skip")
     ap.add_argument("--pool-jobs", type=int, default=6)
+    ap.add_argument("--skip-single", action="store_true", help="only the pool rows (no bare/Transcriber/lock)")
     ap.add_argument("--shared", type=Path, default=Path(os.environ.get("TRANSCRIBE_SHARED", REPO.parent / "shared")))
     ap.add_argument("--models", type=Path, help="model cache dir (default .cache/bench-models)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-out", help="results.json and table.md go here")
@@ -304,7 +305,8 @@ def main() -> None:
                    "build_s": round(built, 1)},
         "rows": [],
     }
-    run_single_process(args, models, audio, report)
+    if not args.skip_single:
+        run_single_process(args, models, audio, report)
     if args.pool_workers:
         run_pool(args, models, audio, report, args.work)
     table = print_table(report)
