@@ -58,3 +58,44 @@ def test_fast_diarization_batches_the_cam_windows(transcriber, monkeypatch):
     monkeypatch.setattr(spk, "forward", counting)
     transcriber.transcribe(shared_audio("podcast_2speakers_60s.wav"), speakers=2)
     assert max(calls) > 50 and len(calls) < 5  # ~79 windows of 1.5 s in the 60 s VAD segment
+
+
+@pytest.fixture(scope="module")
+def seaco_models(tiny_models):
+    """The paraformer-zh class (SeACo Paraformer, BiCif predictor), tiny; the other models as before."""
+    from tests.conftest import CACHE
+    from tests.support.model_factory import build_all, cache_key
+
+    out = CACHE / "test-models" / cache_key("tiny", "SeacoParaformer")
+    return {**tiny_models, "asr": build_all(out, "tiny", "SeacoParaformer", only=("asr",))["asr"]}
+
+
+def test_fast_cif_keeps_parity_on_seaco_paraformer(seaco_models, tmp_path, monkeypatch):
+    import importlib
+    from importlib.metadata import version
+
+    from tests.conftest import model_config
+    from transcribe.config import config_from_dict
+    from transcribe.core import fast_cif
+    from transcribe.core.funasr_transcriber import Transcriber
+
+    cfg = config_from_dict(model_config(seaco_models), tmp_path)
+    t = Transcriber(cfg)
+    assert "fast_cif.cif_predictor.cif" in t.patches
+    bicif = importlib.import_module("funasr.models.bicif_paraformer.cif_predictor")
+    calls = []
+    monkeypatch.setattr(bicif, "cif", lambda *a: calls.append(1) or fast_cif.cif(*a))
+    bare = AutoModel(model=str(seaco_models["asr"]), vad_model=str(seaco_models["vad"]),
+                     punc_model=str(seaco_models["punc"]), spk_model=str(seaco_models["spk"]), device="cpu",
+                     ncpu=1, disable_update=True, disable_pbar=True)
+    for name in ("podcast_2speakers_60s.wav", "espeak_zh_en_30s.wav"):
+        path = shared_audio(name)
+        got = [(s.start, s.end, s.text, s.speaker) for s in t.transcribe(path, speakers=2).segments]
+        assert calls, "the fast CIF scan was not used"
+        fast_cif.uninstall()  # bare FunASR with its own loops
+        try:
+            expected = expected_segments(bare, cfg, path, speakers=2)
+        finally:
+            fast_cif.install(version("funasr"))
+            monkeypatch.setattr(bicif, "cif", lambda *a: calls.append(1) or fast_cif.cif(*a))
+        assert got == expected and len(got) > 3

@@ -53,6 +53,8 @@ class FunasrConfig(_Section):
     disable_update: bool = True
     # Batched CAM++ embeddings (same labels as FunASR's per-segment loop; see docs/benchmarks.md).
     fast_diarization: bool = True
+    # Bit-exact CPU scans for the SeACo/BiCif Paraformer CIF loops (src/transcribe/core/fast_cif.py).
+    fast_cif: bool = True
     # Extra keyword arguments passed through to AutoModel(...) / generate(...) unchanged.
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     generate_kwargs: dict[str, Any] = Field(default_factory=dict)

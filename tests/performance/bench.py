@@ -116,6 +116,9 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     gen = build_generate_kwargs(cfg, speakers=2)
     rows, parity = [], {}
 
+    from transcribe.core import fast_cif
+
+    fast_cif.uninstall()  # (a) is FunASR as shipped, whatever ran before in this process
     t0 = time.perf_counter()
     bare = AutoModel(model=str(models["asr"]), vad_model=str(models["vad"]), punc_model=str(models["punc"]),
                      spk_model=str(models["spk"]), device=device, ncpu=args.ncpu, disable_update=True,

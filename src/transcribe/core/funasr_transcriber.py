@@ -113,6 +113,12 @@ class Transcriber:
         self.config = config
         self.device = device or DeviceManager.select_device(config.funasr)
         self.patches = apply_patches(self.device.device)
+        if config.funasr.fast_cif:
+            from importlib.metadata import version
+
+            from transcribe.core import fast_cif
+
+            self.patches += [f"fast_cif.{name}" for name in fast_cif.install(version("funasr"))]
         self.refs = model_store.resolve_models(config.funasr, config.base_dir)
         model_store.check_remote_refs(self.refs, check_network)
         self.models = {ref.role: ref.load_arg for ref in self.refs.values()}
