@@ -35,25 +35,28 @@ def webhook_server():
     server.shutdown()
 
 
-def drop_jobs(td, tmp_path):
-    good = td.inbox / "good.wav"
-    good.write_bytes(shared_audio("tts_1speaker_5s.wav").read_bytes())
+def run_two_jobs(transcriber, cfg, notifier=None):
+    """A good and a bad job through run_job, as a worker runs them; returns the task dir and outcomes."""
+    import os
+    import time
+
+    td = TaskDir.from_config(cfg).ensure()
+    (td.inbox / "good.wav").write_bytes(shared_audio("tts_1speaker_5s.wav").read_bytes())
     (td.inbox / "bad.wav").write_text("not audio")
-    import os, time
     for p in td.inbox.iterdir():
         os.utime(p, (time.time() - 10,) * 2)
+    outcomes = []
+    while (job := td.claim_next("w1")) is not None:
+        outcomes.append(run_job(td, job, transcriber.transcribe, cfg, "w1", notifier)[0])
+    if notifier:
+        notifier.close()
+    return td, sorted(outcomes)
 
 
 def test_one_post_per_finished_job(transcriber, fixture_config, webhook_server, tmp_path):
     url, received = webhook_server
-    td = TaskDir.from_config(fixture_config).ensure()
-    drop_jobs(td, tmp_path)
-    notifier = Notifier(url, timeout_s=2, retries=0)
-    outcomes = []
-    while (job := td.claim_next("w1")) is not None:
-        outcomes.append(run_job(td, job, transcriber.transcribe, fixture_config, "w1", notifier)[0])
-    notifier.close()
-    assert sorted(outcomes) == ["done", "failed"]
+    _, outcomes = run_two_jobs(transcriber, fixture_config, Notifier(url, timeout_s=2, retries=0))
+    assert outcomes == ["done", "failed"]
     events = {e["source"]: e for e in received}
     assert len(received) == 2
     assert events["good.wav"]["event"] == "job.done"
@@ -68,22 +71,13 @@ def test_a_dead_webhook_does_not_fail_jobs(transcriber, fixture_config, tmp_path
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
-    td = TaskDir.from_config(fixture_config).ensure()
-    drop_jobs(td, tmp_path)
-    notifier = Notifier(dead, timeout_s=0.5, retries=1)
-    outcomes = []
-    while (job := td.claim_next("w1")) is not None:
-        outcomes.append(run_job(td, job, transcriber.transcribe, fixture_config, "w1", notifier)[0])
-    notifier.close()
-    assert sorted(outcomes) == ["done", "failed"]
+    td, outcomes = run_two_jobs(transcriber, fixture_config, Notifier(dead, timeout_s=0.5, retries=1))
+    assert outcomes == ["done", "failed"]
     assert td.counts() == {"inbox": 0, "processing": 0, "done": 1, "failed": 1}
 
 
 def test_metrics_text_file_parses_and_matches_the_folders(transcriber, fixture_config, tmp_path):
-    td = TaskDir.from_config(fixture_config).ensure()
-    drop_jobs(td, tmp_path)
-    while (job := td.claim_next("w1")) is not None:
-        run_job(td, job, transcriber.transcribe, fixture_config, "w1")
+    td, _ = run_two_jobs(transcriber, fixture_config)
     (td.inbox / "waiting.wav").write_bytes(b"x")
     path = tmp_path / "metrics" / "transcribe.prom"
     metrics = PoolMetrics(td, path)

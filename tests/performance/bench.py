@@ -159,6 +159,21 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
                   f"parity={parity[f'{mode} / {label}']}", flush=True)
     tr.device = base_choice
 
+    if args.vad_cpu:  # placement variant: fsmn-vad on the CPU while the rest runs on the GPU
+        vcfg = cfg.model_copy(deep=True)
+        vcfg.funasr.model_kwargs = {"vad_kwargs": {"device": "cpu"}}
+        vt = Transcriber(vcfg)
+        vt.transcribe(audio[0][1], speakers=2)
+        for label, path, seconds in audio:
+            wall, result = median_time(lambda: vt.transcribe(path, speakers=2), args.repeats)
+            got = [(s.start, s.end, s.text, s.speaker) for s in result.segments]
+            p = compare(bare_out[label], got)
+            parity[f"(b) vad on cpu / {label}"] = p
+            rows.append({"mode": "(b) Transcriber, VAD on cpu", "audio": label, "wall_s": round(wall, 3),
+                         "rtf": round(wall / seconds, 5), "stages": result.timings, "parity": p["parity"]})
+            print(f"vad-cpu {label}: {wall:.2f}s {result.timings} parity={p}", flush=True)
+        del vt
+
     async def lock_mode(path: Path) -> Any:
         return await at.transcribe(path, speakers=2)
 
@@ -276,6 +291,7 @@ def main() -> None:
     ap.add_argument("--pool-workers", default="1,2", help="pool sizes to time; empty to skip")
     ap.add_argument("--pool-jobs", type=int, default=6)
     ap.add_argument("--skip-single", action="store_true", help="only the pool rows (no bare/Transcriber/lock)")
+    ap.add_argument("--vad-cpu", action="store_true", help="also time the Transcriber with fsmn-vad on the cpu")
     ap.add_argument("--shared", type=Path, default=Path(os.environ.get("TRANSCRIBE_SHARED", REPO.parent / "shared")))
     ap.add_argument("--models", type=Path, help="model cache dir (default .cache/bench-models)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-out", help="results.json and table.md go here")
