@@ -205,3 +205,25 @@ def test_model_that_cannot_load_stops_the_pool(tmp_path, tiny_models):
     assert code == 3 and time.time() - started < BOOT
     assert "could not boot" in out and "broken-asr" in out and "init_param does not exist" in out
     assert out.count("spawned") == 2  # the two first workers, no respawn loop
+
+
+def test_sighup_reloads_config_and_replaces_workers(tmp_path, tiny_models):
+    cfg = pool_config(tmp_path, tiny_models)
+    td = tmp_path / "tasks"
+    srv = Server(cfg, workers=1)
+    try:
+        wait_until(lambda: ready_workers(td, 1), BOOT, "worker ready")
+        old_pid = workers_status(td)["w1"]["pid"]
+        data = json.loads(cfg.read_text())
+        data["output"]["formats"] = ["json", "vtt"]
+        cfg.write_text(json.dumps(data))
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: workers_status(td)["w1"]["pid"] != old_pid and ready_workers(td, 1), BOOT,
+                   "the worker replaced")
+        drop_file(AUDIO / "tts_1speaker_5s.wav", td / "inbox")
+        wait_until(lambda: results(td), 60, "a result")
+        assert srv.terminate() == 0
+    finally:
+        srv.kill_group()
+    assert list((td / "done").glob("*.vtt")) and not list((td / "done").glob("*.srt"))
+    assert "config reloaded" in srv.output()

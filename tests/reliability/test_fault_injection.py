@@ -145,3 +145,35 @@ def test_worker_kill_soak_fast(pool_cfg):
 def test_worker_kill_soak_long(pool_cfg):
     counts, kills = kill_soak(pool_cfg, n_jobs=240, kill_every=4.0, kill_for=240)
     assert kills >= 30
+
+
+@pytest.mark.soak
+def test_three_hour_file_memory_bounded_with_progress_in_status(pool_cfg, tmp_path):
+    from tests.support.pool_helpers import tile_audio
+    from transcribe.core.status import collect_status
+
+    cfg_path, task_dir = pool_cfg(workers=1, heartbeat_timeout=120)
+    long_file = tile_audio(shared_audio("podcast_2speakers_60s.wav"), tmp_path / "three-hours.wav", 180)
+    srv = Server(cfg_path, workers=1)
+    seen_stages, peak_rss = set(), 0.0
+    try:
+        wait_until(lambda: ready_workers(task_dir, 1), 120, "worker ready")
+        TaskDir(task_dir).submit(long_file, JobOptions(speakers=2))
+        deadline = time.time() + 3600
+        while not results(task_dir) and time.time() < deadline:
+            info = collect_status(load_config(cfg_path))
+            for w in info["workers"]:
+                if w["job"]:
+                    seen_stages.add(w["job_stage"])
+                    assert w["job_elapsed_s"] is not None
+                peak_rss = max(peak_rss, w["rss_mb"] or 0)
+            time.sleep(2)
+        assert srv.terminate() == 0
+    finally:
+        srv.kill_group()
+    [r] = results(task_dir)
+    print(f"\n3-hour file: rtf {r['rtf']:.3f}, {len(r['segments'])} segments, peak worker RSS {peak_rss:.0f} MB, "
+          f"stages seen in status {sorted(s for s in seen_stages if s)}")
+    assert r["duration"] == pytest.approx(3 * 3600, abs=1) and r["segments"]
+    assert {"vad", "asr"} <= seen_stages
+    assert peak_rss < 8000  # bounded: the decoded audio is 0.7 GB; no growth with length beyond that

@@ -90,9 +90,12 @@ def install(funasr_version: str) -> list[str]:
     if not funasr_version.startswith(VERIFIED_FUNASR):
         logger.info("fast CIF not verified for funasr {}: using FunASR's own loops", funasr_version)
         return []
+    from transcribe.core.model_store import quiet_funasr
+
     installed = []
     for module_name, names in TARGETS.items():
-        module = importlib.import_module(module_name)
+        with quiet_funasr():
+            module = importlib.import_module(module_name)
         for name in names:
             key = (module_name, name)
             _ORIGINALS.setdefault(key, getattr(module, name))
