@@ -23,6 +23,7 @@ Invariants (docs/task-directory.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -172,17 +173,9 @@ def write_atomic(path: Path, data: str | bytes, staging: Path, mode: int = 0o640
             before_rename()
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_missing():
+        with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-
-
-class _suppress_missing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
-        return exc_type is not None and issubclass(exc_type, FileNotFoundError)
 
 
 def _is_candidate(name: str) -> bool:
@@ -200,14 +193,8 @@ class TaskDir:
         self.max_sidecar_bytes = max_sidecar_bytes
         self.dir_mode = 0o777 & ~umask
         self.file_mode = 0o666 & ~umask
-        for name in (*STATES, STATUS_DIR):
-            setattr(self, name, self.root / name)
-        self.inbox: Path
-        self.tmp: Path
-        self.processing: Path
-        self.done: Path
-        self.failed: Path
-        self.workers: Path
+        self.inbox, self.tmp, self.processing = self.root / "inbox", self.root / "tmp", self.root / "processing"
+        self.done, self.failed, self.workers = self.root / "done", self.root / "failed", self.root / STATUS_DIR
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TaskDir":
@@ -298,7 +285,7 @@ class TaskDir:
             crash_point("claim.after")
             side = self.sidecar_for(entry)
             if side is not None:
-                with _suppress_missing():
+                with contextlib.suppress(FileNotFoundError):
                     os.rename(side, target / SIDECAR_FILE)
             record = JobRecord(job_id, entry.name, entry.name, now_iso())
         record.attempts += 1
@@ -375,7 +362,7 @@ class TaskDir:
         except OSError:
             for fmt in outputs:  # no partial results: a retry writes them all again
                 if fmt != "json":
-                    with _suppress_missing():
+                    with contextlib.suppress(FileNotFoundError):
                         (self.done / f"{job.job_id}.{fmt}").unlink()
             raise
         crash_point("result.after_rename")
@@ -384,10 +371,10 @@ class TaskDir:
         return result_path
 
     def _finish_done(self, job_dir: Path, keep_audio: bool) -> None:
-        with _suppress_missing():
+        with contextlib.suppress(FileNotFoundError):
             (job_dir / LEASE_FILE).unlink()
         if keep_audio:
-            with _suppress_missing():
+            with contextlib.suppress(FileNotFoundError):
                 os.rename(job_dir, self.done / job_dir.name)
         else:
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -402,7 +389,7 @@ class TaskDir:
             "started": lease.get("started"), "failed": now_iso(), "history": record.history, **error,
         }
         write_atomic(job.dir / ERROR_FILE, json.dumps(info, ensure_ascii=False, indent=2), job.dir, self.file_mode)
-        with _suppress_missing():
+        with contextlib.suppress(FileNotFoundError):
             (job.dir / LEASE_FILE).unlink()
         target = self.failed / job.job_id
         os.rename(job.dir, target)
@@ -417,7 +404,7 @@ class TaskDir:
                             "message": f"gave up after {job.record.attempts} attempts; last: {error.get('message')}"})
             return "failed"
         write_atomic(job.dir / JOB_FILE, job.record.to_json(), job.dir, self.file_mode)
-        with _suppress_missing():
+        with contextlib.suppress(FileNotFoundError):
             (job.dir / LEASE_FILE).unlink()
         os.rename(job.dir, self.inbox / f"{job.job_id}{JOB_SUFFIX}")
         logger.info("job {} requeued (attempt {} of {}): {}", job.job_id, job.record.attempts, self.max_attempts,
@@ -445,13 +432,13 @@ class TaskDir:
             return "completed"
         if self._audio_in(job_dir) is None:
             # Claimed dir whose rename never happened (crash between mkdir and rename): an empty dir.
-            with _suppress_missing():
+            with contextlib.suppress(FileNotFoundError):
                 job_dir.rmdir()
             return "empty"
         job = Job(job_dir, self._read_record(job_dir))
         side_left = self.inbox / (job.record.original_name + ".json")
         if not (job_dir / SIDECAR_FILE).exists() and side_left.is_file():
-            with _suppress_missing():  # crash between the audio and sidecar renames of a claim
+            with contextlib.suppress(FileNotFoundError):  # crash between the audio and sidecar renames of a claim
                 os.rename(side_left, job_dir / SIDECAR_FILE)
         return self.release(job, {"reason": reason, "error_type": "WorkerLost", "message": message,
                                   "retryable": True})
@@ -504,7 +491,7 @@ class TaskDir:
         record.attempts = 0
         record.history.append({"retried": now_iso()})
         write_atomic(src / JOB_FILE, record.to_json(), src, self.file_mode)
-        with _suppress_missing():
+        with contextlib.suppress(FileNotFoundError):
             (src / ERROR_FILE).rename(src / f".error-{int(time.time())}.json")
         os.rename(src, self.inbox / f"{job_id}{JOB_SUFFIX}")
 
@@ -540,7 +527,7 @@ class TaskDir:
         ages = []
         for e in os.scandir(self.inbox) if self.inbox.exists() else []:
             if _is_candidate(e.name):
-                with _suppress_missing():
+                with contextlib.suppress(FileNotFoundError):
                     ages.append(time.time() - e.stat(follow_symlinks=False).st_mtime)
         return max(ages) if ages else None
 
