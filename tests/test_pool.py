@@ -29,7 +29,7 @@ BOOT = 120  # seconds: importing FunASR in two workers at once on 2 cores
 
 def pool_config(tmp_path, tiny_models, **pool):
     data = model_config(tiny_models)
-    data["pool"] = {"task_dir": "tasks", "settle_seconds": 1.0, "heartbeat_interval": 0.5, "heartbeat_timeout": 30,
+    data["pool"] = {"task_dir": "tasks", "settle_seconds": 2.0, "heartbeat_interval": 0.5, "heartbeat_timeout": 30,
                     "shutdown_timeout": 30, **pool}
     data["output"] = {"formats": ["json", "txt", "srt"]}
     return write_config(tmp_path / "config.json", data)
