@@ -1,6 +1,5 @@
 """Transcriber on the fixture models (real FunASR code path) and the shared recordings."""
 
-import json
 
 import numpy as np
 import pytest

@@ -133,7 +133,7 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
         rows.append({"mode": "(a) bare FunASR", "audio": label, "wall_s": round(wall, 3),
                      "rtf": round(wall / seconds, 5), "gpu_peak_mb": gpu_peak_mb(device)})
         print(f"bare {label}: {wall:.2f}s rtf {wall / seconds:.4f}", flush=True)
-    del bare
+    bare = None  # free its GPU memory before the Transcriber loads
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
