@@ -7,10 +7,10 @@ jobs one at a time behind the asyncio lock. For a single machine that wants one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
-import time
 
 from loguru import logger
 
@@ -66,23 +66,22 @@ async def serve_lock(cfg: Config) -> int:
                 wake.clear()
                 job = td.claim_next(WORKER_ID)
                 if job is None:
-                    await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=min(idle, cfg.pool.rescan_interval))
+                    # wait_for cancels its wait on timeout: no pending task piles up per idle turn
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=min(idle, cfg.pool.rescan_interval))
                     continue
-                status.state, status.job, status.job_started_ts = "busy", job.job_id, time.time()
+                status.start_job(job.job_id)
+                outcome, result = "done", None
                 try:
                     options = prepare_job(td, job)
                     result = await engine.transcribe(job.audio_path, speakers=options.speakers,
                                                      hotwords=options.hotwords, extension=job.extension,
                                                      source_name=job.record.original_name)
                     finish_job(td, job, result, options, cfg, notifier)
-                    status.jobs_done += 1
-                    status.rtf_sum += result.rtf
-                    status.audio_seconds += result.duration
                     logger.info("job {} done: rtf {:.3f}", job.job_id, result.rtf)
                 except Exception as exc:  # noqa: BLE001 - the job's fault is recorded; the server lives on
-                    if settle_failed_job(td, job, exc, WORKER_ID, notifier) == "failed":
-                        status.jobs_failed += 1
-                status.state, status.job, status.job_started_ts = "ready", None, None
+                    outcome = settle_failed_job(td, job, exc, WORKER_ID, notifier)
+                status.end_job(outcome, result)
     status.state = "exited"
     notifier.close()
     heartbeat.stop()

@@ -59,6 +59,21 @@ class WorkerStatus:
     error: dict[str, Any] | None = None
     patches: list[str] = field(default_factory=list)
 
+    def start_job(self, job_id: str) -> None:
+        now = time.time()
+        self.state, self.job, self.job_started_ts = "busy", job_id, now
+        self.job_stage, self.progress_ts = "decode", now
+
+    def end_job(self, outcome: str, result: Result | None) -> None:
+        """Count the job (done with its result, or failed) and go back to ready."""
+        if outcome == "done" and result is not None:
+            self.jobs_done += 1
+            self.rtf_sum += result.rtf
+            self.audio_seconds += result.duration
+        elif outcome == "failed":
+            self.jobs_failed += 1
+        self.state, self.job, self.job_started_ts, self.job_stage, self.progress_ts = "ready", None, None, None, None
+
     @property
     def mean_rtf(self) -> float | None:
         return round(self.rtf_sum / self.jobs_done, 5) if self.jobs_done else None
@@ -298,20 +313,12 @@ class Worker:
         self.status.job_stage, self.status.progress_ts = stage, time.time()
 
     def _run(self, job: Job, transcriber: Any) -> None:
-        self.status.state, self.status.job, self.status.job_started_ts = "busy", job.job_id, time.time()
-        self.status.progress_ts, self.status.job_stage = time.time(), "decode"
+        self.status.start_job(job.job_id)
         self.heartbeat.beat()
         logger.info("job {} claimed by {} ({!r}, attempt {})", job.job_id, self.worker_id, job.record.original_name,
                     job.record.attempts)
         outcome, result = run_job(self.td, job, transcriber.transcribe, self.cfg, self.worker_id, self.notifier)
-        if outcome == "done" and result is not None:
-            self.status.jobs_done += 1
-            self.status.rtf_sum += result.rtf
-            self.status.audio_seconds += result.duration
-        elif outcome == "failed":
-            self.status.jobs_failed += 1
-        self.status.state, self.status.job, self.status.job_started_ts = "ready", None, None
-        self.status.job_stage = self.status.progress_ts = None
+        self.status.end_job(outcome, result)
         self.heartbeat.beat()
 
 
