@@ -41,6 +41,14 @@ def _formats(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    """The per-job options `run` and `submit` share (a sidecar's keys)."""
+    parser.add_argument("--format", type=_formats, help=f"comma-separated, from {','.join(OUTPUT_FORMATS)} "
+                                                        "(default: output.formats)")
+    parser.add_argument("--speakers", type=int, metavar="N", help="number of speakers, if known")
+    parser.add_argument("--hotwords", nargs="+", metavar="WORD", help="words to favour (SeACo Paraformer)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transcribe", description="Speech transcription with speaker labels, on FunASR.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,10 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Other files go on when one fails; the exit code is 1 if any failed.")
     run.add_argument("files", nargs="+", metavar="FILE", type=Path)
     run.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where outputs go (default: .)")
-    run.add_argument("--format", type=_formats, help=f"comma-separated, from {','.join(OUTPUT_FORMATS)} "
-                                                     "(default: output.formats)")
-    run.add_argument("--speakers", type=int, metavar="N", help="number of speakers, if known")
-    run.add_argument("--hotwords", nargs="+", metavar="WORD", help="words to favour (SeACo Paraformer)")
+    _add_job_options(run)
     run.add_argument("--device", help="override funasr.device: auto, cuda, cuda:N, mps, cpu")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -78,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "Prints each job id; with --wait, waits and prints the result path or "
                                         "the failure reason (exit 1 if any failed).")
     submit.add_argument("files", nargs="+", metavar="FILE", type=Path)
-    submit.add_argument("--speakers", type=int, metavar="N")
-    submit.add_argument("--hotwords", nargs="+", metavar="WORD")
-    submit.add_argument("--format", type=_formats)
+    _add_job_options(submit)
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (-100..100)")
     submit.add_argument("--task-dir")
     submit.add_argument("--wait", action="store_true", help="wait and print each result path or failure reason")

@@ -44,7 +44,7 @@ class DeviceChoice:
 
     @property
     def kind(self) -> str:
-        return self.device.split(":", 1)[0]
+        return device_kind(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,7 +23,6 @@ def output_paths(source: Path, out_dir: Path, formats: Sequence[str]) -> dict[st
 def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Sequence[str],
               speakers: int | None = None, hotwords: Sequence[str] | None = None, quiet: bool = False,
               as_json: bool = False) -> int:
-    from transcribe.core.audio import check_file
     from transcribe.core.funasr_transcriber import Transcriber
     from transcribe.logging_setup import setup_logging
 
@@ -41,7 +40,6 @@ def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Seq
             task = progress.add_task(path.name, total=None)
             row: dict = {"file": str(path)}
             try:
-                check_file(path, cfg.input.allowed_extensions, cfg.input.max_file_mb)
                 result = transcriber.transcribe(path, speakers=speakers, hotwords=hotwords)
                 written = []
                 for fmt, target in output_paths(path, out_dir, formats).items():
