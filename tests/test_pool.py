@@ -121,15 +121,20 @@ def busy_worker(td):
     return next((w for w in workers_status(td).values() if w.get("state") == "busy" and w.get("job")), None)
 
 
-def test_killed_worker_job_is_requeued_and_done_once(tmp_path, tiny_models):
-    cfg = pool_config(tmp_path, tiny_models)
+def start_with_long_job(tmp_path, tiny_models, minutes, *extra):
+    """A 2-worker pool busy with `long.wav` (`minutes` long); returns (server, task dir, busy worker)."""
     td = tmp_path / "tasks"
-    srv = Server(cfg)
+    srv = Server(pool_config(tmp_path, tiny_models))
+    wait_until(lambda: ready_workers(td, 2), BOOT, "workers ready")
+    tile_audio(shared_audio("podcast_2speakers_60s.wav"), tmp_path / "long.wav", minutes)
+    for src in (tmp_path / "long.wav", *extra):
+        drop_file(src, td / "inbox")
+    return srv, td, wait_until(lambda: busy_worker(td), 30, "a busy worker")
+
+
+def test_killed_worker_job_is_requeued_and_done_once(tmp_path, tiny_models):
+    srv, td, victim = start_with_long_job(tmp_path, tiny_models, 6)
     try:
-        wait_until(lambda: ready_workers(td, 2), BOOT, "workers ready")
-        tile_audio(shared_audio("podcast_2speakers_60s.wav"), tmp_path / "long.wav", 6)
-        drop_file(tmp_path / "long.wav", td / "inbox")
-        victim = wait_until(lambda: busy_worker(td), 30, "a busy worker")
         os.kill(victim["pid"], signal.SIGKILL)
         wait_until(lambda: results(td), 120, "the requeued job's result")
         assert_exactly_once(td, ["long.wav"])
@@ -168,15 +173,8 @@ def test_supervisor_and_workers_killed_then_restarted(tmp_path, tiny_models):
 
 
 def test_sigterm_during_a_job_finishes_it_and_exits_0(tmp_path, tiny_models):
-    cfg = pool_config(tmp_path, tiny_models)
-    td = tmp_path / "tasks"
-    srv = Server(cfg)
+    srv, td, _ = start_with_long_job(tmp_path, tiny_models, 3, AUDIO / "tts_1speaker_5s.wav")
     try:
-        wait_until(lambda: ready_workers(td, 2), BOOT, "workers ready")
-        tile_audio(shared_audio("podcast_2speakers_60s.wav"), tmp_path / "long.wav", 3)
-        drop_file(tmp_path / "long.wav", td / "inbox")
-        drop_file(AUDIO / "tts_1speaker_5s.wav", td / "inbox")
-        wait_until(lambda: busy_worker(td), 30, "a busy worker")
         assert srv.terminate() == 0
     finally:
         srv.kill_group()

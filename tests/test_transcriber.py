@@ -37,33 +37,30 @@ def test_silence_gives_an_empty_result(transcriber):
     assert r.duration == pytest.approx(5.0, abs=0.01)
 
 
-def test_zero_byte_file(transcriber, tmp_path):
-    f = tmp_path / "empty.wav"
+def _zero_bytes(f):
     f.write_bytes(b"")
-    with pytest.raises(errors.EmptyAudioError, match="empty"):
-        transcriber.transcribe(f)
 
 
-def test_text_named_wav(transcriber, tmp_path):
-    f = tmp_path / "notes.wav"
+def _text(f):
     f.write_text("these are meeting notes, not audio\n" * 20)
-    with pytest.raises(errors.AudioDecodeError, match="not a readable audio file"):
-        transcriber.transcribe(f)
 
 
-def test_missing_file_and_unknown_extension(transcriber, tmp_path):
-    with pytest.raises(errors.AudioNotFoundError):
-        transcriber.transcribe(tmp_path / "nope.wav")
-    f = tmp_path / "a.xyz"
-    f.write_bytes(b"123")
-    with pytest.raises(errors.UnsupportedFormatError, match="unsupported file type .xyz"):
-        transcriber.transcribe(f)
-
-
-def test_wav_with_no_samples(transcriber, tmp_path):
-    f = tmp_path / "zero.wav"
+def _no_samples(f):
     sf.write(f, np.zeros(0, dtype=np.float32), 16000)
-    with pytest.raises(errors.EmptyAudioError, match="no audio samples"):
+
+
+@pytest.mark.parametrize("name, write, error, match", [
+    ("empty.wav", _zero_bytes, errors.EmptyAudioError, "empty"),
+    ("notes.wav", _text, errors.AudioDecodeError, "not a readable audio file"),
+    ("a.xyz", _text, errors.UnsupportedFormatError, "unsupported file type .xyz"),
+    ("zero.wav", _no_samples, errors.EmptyAudioError, "no audio samples"),
+    ("nope.wav", None, errors.AudioNotFoundError, "not found"),
+])
+def test_bad_files_are_typed_errors(transcriber, tmp_path, name, write, error, match):
+    f = tmp_path / name
+    if write:
+        write(f)
+    with pytest.raises(error, match=match):
         transcriber.transcribe(f)
 
 
