@@ -54,7 +54,7 @@ def fixture_config(tiny_models, tmp_path):
 def transcriber(tiny_models, tmp_path_factory):
     """One Transcriber on the fixture models for the whole session (model load is the slow part)."""
     from transcribe.config import config_from_dict
-    from transcribe.core.funasr_transcriber import Transcriber
+    from transcribe.core.engine.funasr_transcriber import Transcriber
 
     return Transcriber(config_from_dict(model_config(tiny_models), tmp_path_factory.mktemp("cfg")))
 

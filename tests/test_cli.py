@@ -82,7 +82,7 @@ def test_submit_status_retry_without_a_server(config_file, tmp_path):
 
 @pytest.fixture(scope="module")
 def ffmpeg():
-    from transcribe.core.audio import ffmpeg_path
+    from transcribe.core.engine.audio import ffmpeg_path
 
     exe = ffmpeg_path()
     if exe is None:
@@ -100,7 +100,7 @@ def test_mp3_transcribes_through_ffmpeg(transcriber, ffmpeg, tmp_path):
 def test_without_ffmpeg_the_error_names_it(transcriber, ffmpeg, tmp_path, monkeypatch):
     mp3 = tmp_path / "clip.mp3"
     subprocess.run([ffmpeg, "-v", "error", "-i", shared_audio("tts_1speaker_5s.wav"), mp3], check=True)
-    monkeypatch.setattr("transcribe.core.audio.ffmpeg_path", lambda: None)
+    monkeypatch.setattr("transcribe.core.engine.audio.ffmpeg_path", lambda: None)
     with pytest.raises(errors.FFmpegMissingError, match="needs ffmpeg"):
         transcriber.transcribe(mp3)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from transcribe.config import FunasrConfig
-from transcribe.core.device_manager import DeviceManager
+from transcribe.core.engine.device_manager import DeviceManager
 from transcribe.core.errors import DeviceUnavailableError
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from transcribe.core import fast_cif
+from transcribe.core.engine import fast_cif
 
 BICIF = "funasr.models.bicif_paraformer.cif_predictor"
 TS = "funasr.utils.timestamp_tools"

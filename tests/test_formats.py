@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from transcribe.core.formats import FORMATTERS, render
-from transcribe.core.result import Result, Segment
+from transcribe.core.engine.formats import FORMATTERS, render
+from transcribe.core.engine.result import Result, Segment
 
 EXPECTED = Path(__file__).parent / "data" / "expected"
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import shared_audio
 from transcribe.core import errors
-from transcribe.core.funasr_transcriber import AsyncTranscriber
+from transcribe.core.engine.funasr_transcriber import AsyncTranscriber
 
 
 class OverlapProbe:

@@ -11,8 +11,8 @@ import soundfile as sf
 from funasr import AutoModel
 
 from tests.conftest import shared_audio
-from transcribe.core.funasr_transcriber import build_generate_kwargs
-from transcribe.core.result import speaker_label_map
+from transcribe.core.engine.funasr_transcriber import build_generate_kwargs
+from transcribe.core.engine.result import speaker_label_map
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_fast_cif_keeps_parity_on_seaco_paraformer(seaco_models, tmp_path, monke
 
     from tests.conftest import model_config
     from transcribe.config import config_from_dict
-    from transcribe.core import fast_cif
-    from transcribe.core.funasr_transcriber import Transcriber
+    from transcribe.core.engine import fast_cif
+    from transcribe.core.engine.funasr_transcriber import Transcriber
 
     cfg = config_from_dict(model_config(seaco_models), tmp_path)
     t = Transcriber(cfg)

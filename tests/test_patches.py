@@ -6,8 +6,8 @@ import pytest
 import torch
 from funasr import AutoModel
 
-from transcribe.core import patches
-from transcribe.core.patches import mps_patch
+from transcribe.core.engine import patches
+from transcribe.core.engine.patches import mps_patch
 
 
 @pytest.fixture
@@ -83,8 +83,8 @@ def test_registry_per_backend():
 
 def test_vad_stays_on_cpu_when_main_device_is_mps(tiny_models, fake_mps, tmp_path):
     from transcribe.config import config_from_dict
-    from transcribe.core.device_manager import DeviceChoice
-    from transcribe.core.funasr_transcriber import Transcriber
+    from transcribe.core.engine.device_manager import DeviceChoice
+    from transcribe.core.engine.funasr_transcriber import Transcriber
     from tests.conftest import model_config
 
     cfg = config_from_dict(model_config(tiny_models, device="mps"), tmp_path)

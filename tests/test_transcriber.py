@@ -8,8 +8,8 @@ import soundfile as sf
 from tests.conftest import model_config, shared_audio
 from transcribe.config import config_from_dict
 from transcribe.core import errors
-from transcribe.core.funasr_transcriber import Transcriber
-from transcribe.core.result import Result, speaker_label_map
+from transcribe.core.engine.funasr_transcriber import Transcriber
+from transcribe.core.engine.result import Result, speaker_label_map
 
 
 def test_podcast_two_speakers(transcriber):
@@ -122,7 +122,7 @@ def test_half_precision_runs_through_the_whole_pipeline(tiny_models, tmp_path):
     docs/benchmarks.md records where it keeps parity.)"""
     import torch
 
-    from transcribe.core.device_manager import DeviceChoice
+    from transcribe.core.engine.device_manager import DeviceChoice
 
     cfg = config_from_dict(model_config(tiny_models), tmp_path)
     t = Transcriber(cfg, DeviceChoice("cpu", "bfloat16", "test", "cpu"))

@@ -170,17 +170,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args, overrides)
     if args.mode == "lock":
         setup_logging(cfg, "lock-server")
-        from transcribe.core.lock_server import serve_lock
+        from transcribe.core.pool.lock_server import serve_lock
 
         return asyncio.run(serve_lock(cfg))
     setup_logging(cfg, "supervisor")
-    from transcribe.core.supervisor import Supervisor
+    from transcribe.core.pool.supervisor import Supervisor
 
     return Supervisor(cfg, config_path=args.config).run()
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from transcribe.core.task_dir import JobOptions, TaskDir
+    from transcribe.core.pool.task_dir import JobOptions, TaskDir
 
     cfg = _load(args)
     td = TaskDir.from_config(cfg).ensure()
@@ -235,7 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from transcribe.core.task_dir import TaskDir
+    from transcribe.core.pool.task_dir import TaskDir
 
     cfg = _load(args)
     td = TaskDir.from_config(cfg).ensure()
@@ -252,7 +252,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from transcribe.core import model_store
+    from transcribe.core.engine import model_store
 
     cfg = _load(args)
     refs = model_store.resolve_models(cfg.funasr, cfg.base_dir)
@@ -269,7 +269,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from transcribe.core.device_manager import DeviceManager
+    from transcribe.core.engine.device_manager import DeviceManager
 
     cfg = _load(args)
     available = DeviceManager.detect_available_devices()

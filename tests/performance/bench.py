@@ -67,7 +67,7 @@ def reset_gpu_peak(device: str) -> None:
 
 
 def segments_of(output: list[dict], duration: float) -> list[tuple]:
-    from transcribe.core.result import segments_from_funasr
+    from transcribe.core.engine.result import segments_from_funasr
 
     _, segs, _ = segments_from_funasr(output, duration)
     return [(s.start, s.end, s.text, s.speaker) for s in segs]
@@ -103,7 +103,7 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     import torch
 
     from transcribe.config import config_from_dict
-    from transcribe.core.funasr_transcriber import AsyncTranscriber, Transcriber, build_generate_kwargs
+    from transcribe.core.engine.funasr_transcriber import AsyncTranscriber, Transcriber, build_generate_kwargs
 
     t0 = time.perf_counter()
     from funasr import AutoModel
@@ -116,7 +116,7 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     gen = build_generate_kwargs(cfg, speakers=2)
     rows, parity = [], {}
 
-    from transcribe.core import fast_cif
+    from transcribe.core.engine import fast_cif
 
     fast_cif.uninstall()  # (a) is FunASR as shipped, whatever ran before in this process
     t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def job_set(audio: list, n: int) -> list:
 
 def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict, out: Path) -> None:
     from tests.support.pool_helpers import Server, ready_workers, results, wait_until
-    from transcribe.core.task_dir import JobOptions, TaskDir
+    from transcribe.core.pool.task_dir import JobOptions, TaskDir
 
     jobs = job_set(audio, args.pool_jobs)
     audio_total = sum(j[2] for j in jobs)

@@ -39,7 +39,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
     from transcribe.config import config_from_dict
-    from transcribe.core.funasr_transcriber import Transcriber
+    from transcribe.core.engine.funasr_transcriber import Transcriber
 
     asr_class = "SeacoParaformer" if a.size == "large" else "Paraformer"
     models = build_all(a.models / cache_key(a.size, asr_class), a.size, asr_class)

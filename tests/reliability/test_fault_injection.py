@@ -26,8 +26,8 @@ from tests.support.pool_helpers import (
 )
 from transcribe.config import load_config
 from transcribe.core.fault_injection import CRASH_EXIT_CODE, CRASH_POINTS
-from transcribe.core.task_dir import JobOptions, TaskDir
-from transcribe.core.worker_process import run_job
+from transcribe.core.pool.task_dir import JobOptions, TaskDir
+from transcribe.core.pool.worker_process import run_job
 
 pytestmark = needs_shared
 CHILD = Path(__file__).with_name("crash_child.py")

@@ -8,9 +8,9 @@ import pytest
 from tests.conftest import needs_shared, shared_audio
 from tests.support.pool_helpers import Server, assert_exactly_once, ready_workers, results, wait_until
 from transcribe.core import errors
-from transcribe.core.funasr_transcriber import AsyncTranscriber
-from transcribe.core.task_dir import TaskDir
-from transcribe.core.worker_process import current_rss_mb
+from transcribe.core.engine.funasr_transcriber import AsyncTranscriber
+from transcribe.core.pool.task_dir import TaskDir
+from transcribe.core.pool.worker_process import current_rss_mb
 
 pytestmark = needs_shared
 

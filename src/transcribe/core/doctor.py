@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from transcribe import __version__
 from transcribe.config import Config
-from transcribe.core import model_store
+from transcribe.core.engine import model_store
 from transcribe.core.errors import TranscribeError
 
 
@@ -42,9 +42,9 @@ def _writable(path: Path) -> tuple[bool, str]:
 def run_checks(cfg: Config, reachable: Callable[[str], bool] = model_store.hub_reachable) -> dict[str, Any]:
     import torch
 
-    from transcribe.core.audio import ffmpeg_path
-    from transcribe.core.device_manager import DeviceManager, _funasr_version
-    from transcribe.core.patches import planned_patches
+    from transcribe.core.engine.audio import ffmpeg_path
+    from transcribe.core.engine.device_manager import DeviceManager, _funasr_version
+    from transcribe.core.engine.patches import planned_patches
 
     checks: list[Check] = []
     versions = {"transcribe": __version__, "python": platform.python_version(), "torch": torch.__version__,

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from transcribe.config import Config
 from transcribe.core.errors import TranscribeError
-from transcribe.core.formats import render
-from transcribe.core.task_dir import write_atomic
+from transcribe.core.engine.formats import render
+from transcribe.core.pool.task_dir import write_atomic
 
 
 def output_paths(source: Path, out_dir: Path, formats: Sequence[str]) -> dict[str, Path]:
@@ -23,7 +23,7 @@ def output_paths(source: Path, out_dir: Path, formats: Sequence[str]) -> dict[st
 def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Sequence[str],
               speakers: int | None = None, hotwords: Sequence[str] | None = None, quiet: bool = False,
               as_json: bool = False) -> int:
-    from transcribe.core.funasr_transcriber import Transcriber
+    from transcribe.core.engine.funasr_transcriber import Transcriber
     from transcribe.logging_setup import setup_logging
 
     console = Console(stderr=True, quiet=quiet)

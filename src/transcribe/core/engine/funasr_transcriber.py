@@ -25,17 +25,17 @@ import numpy as np
 from loguru import logger
 
 from transcribe.config import Config
-from transcribe.core import model_store
-from transcribe.core.audio import SAMPLE_RATE, Audio, load_audio
-from transcribe.core.device_manager import DeviceChoice, DeviceManager
+from transcribe.core.engine import model_store
+from transcribe.core.engine.audio import SAMPLE_RATE, Audio, load_audio
+from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager
 from transcribe.core.errors import (
     ModelLoadError,
     TranscribeError,
     TranscriptionError,
     TranscriptionTimeout,
 )
-from transcribe.core.patches import after_job, apply_patches, patched_model_kwargs
-from transcribe.core.result import Result, segments_from_funasr
+from transcribe.core.engine.patches import after_job, apply_patches, patched_model_kwargs
+from transcribe.core.engine.result import Result, segments_from_funasr
 from transcribe.core.fault_injection import crash_point
 
 FAST_DIARIZATION_BATCH = 256  # CAM++ windows per forward call (1.5 s each: ~150 frames x 80 mels)
@@ -116,7 +116,7 @@ class Transcriber:
         if config.funasr.fast_cif:
             from importlib.metadata import version
 
-            from transcribe.core import fast_cif
+            from transcribe.core.engine import fast_cif
 
             self.patches += [f"fast_cif.{name}" for name in fast_cif.install(version("funasr"))]
         self.refs = model_store.resolve_models(config.funasr, config.base_dir)

@@ -90,7 +90,7 @@ def install(funasr_version: str) -> list[str]:
     if not funasr_version.startswith(VERIFIED_FUNASR):
         logger.info("fast CIF not verified for funasr {}: using FunASR's own loops", funasr_version)
         return []
-    from transcribe.core.model_store import quiet_funasr
+    from transcribe.core.engine.model_store import quiet_funasr
 
     installed = []
     for module_name, names in TARGETS.items():

@@ -28,10 +28,10 @@ from loguru import logger
 
 from transcribe.config import Config
 from transcribe.core.errors import TranscribeError
-from transcribe.core.formats import render
+from transcribe.core.engine.formats import render
 from transcribe.core.notify import Notifier
-from transcribe.core.result import Result
-from transcribe.core.task_dir import Job, JobOptions, TaskDir, error_info, now_iso, write_atomic
+from transcribe.core.engine.result import Result
+from transcribe.core.pool.task_dir import Job, JobOptions, TaskDir, error_info, now_iso, write_atomic
 
 EXIT_OK, EXIT_BOOT_FAILED, EXIT_RECYCLE, EXIT_ORPHANED = 0, 3, 4, 5
 
@@ -238,8 +238,8 @@ class Worker:
         self.wake.set()
 
     def boot(self) -> Any:
-        from transcribe.core.device_manager import DeviceManager
-        from transcribe.core.funasr_transcriber import Transcriber
+        from transcribe.core.engine.device_manager import DeviceManager
+        from transcribe.core.engine.funasr_transcriber import Transcriber
 
         started = time.perf_counter()
         funasr_cfg = self.cfg.funasr

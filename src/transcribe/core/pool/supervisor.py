@@ -25,8 +25,8 @@ from loguru import logger
 from transcribe.config import Config
 from transcribe.core.errors import ConfigError
 from transcribe.core.metrics import PoolMetrics, worker_states
-from transcribe.core.task_dir import TaskDir, now_iso, write_atomic
-from transcribe.core.worker_process import EXIT_BOOT_FAILED, EXIT_OK, EXIT_RECYCLE, worker_main
+from transcribe.core.pool.task_dir import TaskDir, now_iso, write_atomic
+from transcribe.core.pool.worker_process import EXIT_BOOT_FAILED, EXIT_OK, EXIT_RECYCLE, worker_main
 
 METRICS_INTERVAL = 2.0  # seconds between metrics text-file writes
 TICK = 0.25  # seconds between loop turns when nothing wakes us
@@ -53,7 +53,7 @@ class Slot:
 
 def probe_devices() -> list[str]:
     """What torch sees, asked of a subprocess so the supervisor never initialises a GPU backend."""
-    code = "import json; from transcribe.core.device_manager import DeviceManager as D; " \
+    code = "import json; from transcribe.core.engine.device_manager import DeviceManager as D; " \
            "print(json.dumps(D.detect_available_devices()))"
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -153,7 +153,7 @@ class Supervisor:
 
         ctx = multiprocess.get_context(self.cfg.pool.start_method)
         if self.cfg.pool.start_method == "forkserver":
-            ctx.set_forkserver_preload(["transcribe.core.preload"])  # FunASR imported once, not per worker
+            ctx.set_forkserver_preload(["transcribe.core.pool.preload"])  # FunASR imported once, not per worker
         return ctx
 
     # ------------------------------------------------------------------ signals

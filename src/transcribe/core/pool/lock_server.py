@@ -15,10 +15,10 @@ import threading
 from loguru import logger
 
 from transcribe.config import Config
-from transcribe.core.funasr_transcriber import AsyncTranscriber
+from transcribe.core.engine.funasr_transcriber import AsyncTranscriber
 from transcribe.core.notify import Notifier
-from transcribe.core.task_dir import TaskDir
-from transcribe.core.worker_process import (
+from transcribe.core.pool.task_dir import TaskDir
+from transcribe.core.pool.worker_process import (
     Heartbeat,
     InboxWatcher,
     WorkerStatus,
@@ -49,7 +49,7 @@ async def serve_lock(cfg: Config) -> int:
     try:
         engine = await AsyncTranscriber.create(cfg)
     except Exception as exc:  # noqa: BLE001 - reported as the boot failure it is
-        from transcribe.core.task_dir import error_info
+        from transcribe.core.pool.task_dir import error_info
 
         status.state, status.error = "boot_failed", error_info(exc)
         heartbeat.beat()

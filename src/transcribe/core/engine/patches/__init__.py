@@ -12,7 +12,7 @@ from importlib.metadata import version
 from types import ModuleType
 from typing import Any
 
-from transcribe.core.patches import mps_patch
+from transcribe.core.engine.patches import mps_patch
 
 _BACKENDS: dict[str, ModuleType] = {mps_patch.NAME: mps_patch}
 

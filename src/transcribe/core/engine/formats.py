@@ -9,7 +9,7 @@ An empty transcript gives a valid empty file of each format (vtt keeps its ``WEB
 
 from __future__ import annotations
 
-from transcribe.core.result import Result, Segment
+from transcribe.core.engine.result import Result, Segment
 
 
 def _clock(seconds: float, sep: str) -> str:
