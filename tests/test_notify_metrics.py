@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import shared_audio
 from transcribe.core.metrics import PoolMetrics
 from transcribe.core.notify import Notifier
+from transcribe.core.pool.job_runner import run_job
 from transcribe.core.pool.task_dir import TaskDir
-from transcribe.core.pool.worker_process import run_job
 
 
 @pytest.fixture

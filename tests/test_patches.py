@@ -82,10 +82,10 @@ def test_registry_per_backend():
 
 
 def test_vad_stays_on_cpu_when_main_device_is_mps(tiny_models, fake_mps, tmp_path):
+    from tests.conftest import model_config
     from transcribe.config import config_from_dict
     from transcribe.core.engine.device_manager import DeviceChoice
     from transcribe.core.engine.funasr_transcriber import Transcriber
-    from tests.conftest import model_config
 
     cfg = config_from_dict(model_config(tiny_models, device="mps"), tmp_path)
     t = Transcriber(cfg, DeviceChoice("mps", "float32", "test", "mps"))

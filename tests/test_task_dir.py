@@ -8,7 +8,8 @@ import time
 import pytest
 
 from transcribe.core import errors
-from transcribe.core.pool.task_dir import JOB_SUFFIX, TaskDir, new_job_id
+from transcribe.core.pool.jobs import new_job_id
+from transcribe.core.pool.task_dir import JOB_SUFFIX, TaskDir
 
 
 @pytest.fixture
@@ -184,7 +185,7 @@ def test_symlink_hardlink_and_fifo_are_refused(td, tmp_path):
 
 
 def test_submit_and_retry(td, tmp_path):
-    from transcribe.core.pool.task_dir import JobOptions
+    from transcribe.core.pool.jobs import JobOptions
 
     src = tmp_path / "in.wav"
     src.write_bytes(b"data")

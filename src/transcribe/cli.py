@@ -180,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from transcribe.core.pool.task_dir import JobOptions, TaskDir
+    from transcribe.core.pool.jobs import JobOptions
+    from transcribe.core.pool.task_dir import TaskDir
 
     cfg = _load(args)
     td = TaskDir.from_config(cfg).ensure()

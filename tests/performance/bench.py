@@ -103,7 +103,11 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     import torch
 
     from transcribe.config import config_from_dict
-    from transcribe.core.engine.funasr_transcriber import AsyncTranscriber, Transcriber, build_generate_kwargs
+    from transcribe.core.engine.funasr_transcriber import (
+        AsyncTranscriber,
+        Transcriber,
+        build_generate_kwargs,
+    )
 
     t0 = time.perf_counter()
     from funasr import AutoModel
@@ -207,7 +211,8 @@ def job_set(audio: list, n: int) -> list:
 
 def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict, out: Path) -> None:
     from tests.support.pool_helpers import Server, ready_workers, results, wait_until
-    from transcribe.core.pool.task_dir import JobOptions, TaskDir
+    from transcribe.core.pool.jobs import JobOptions
+    from transcribe.core.pool.task_dir import TaskDir
 
     jobs = job_set(audio, args.pool_jobs)
     audio_total = sum(j[2] for j in jobs)

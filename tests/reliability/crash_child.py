@@ -10,8 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from transcribe.config import load_config  # noqa: E402
 from transcribe.core.engine.funasr_transcriber import Transcriber  # noqa: E402
+from transcribe.core.pool.job_runner import run_job  # noqa: E402
 from transcribe.core.pool.task_dir import TaskDir  # noqa: E402
-from transcribe.core.pool.worker_process import run_job  # noqa: E402
 
 cfg = load_config(sys.argv[1])
 td = TaskDir.from_config(cfg)

@@ -15,7 +15,14 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import needs_shared, shared_audio
-from tests.support.pool_helpers import Server, failed, ready_workers, results, wait_until, workers_status
+from tests.support.pool_helpers import (
+    Server,
+    failed,
+    ready_workers,
+    results,
+    wait_until,
+    workers_status,
+)
 
 pytestmark = needs_shared
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -26,8 +26,9 @@ from tests.support.pool_helpers import (
 )
 from transcribe.config import load_config
 from transcribe.core.fault_injection import CRASH_EXIT_CODE, CRASH_POINTS
-from transcribe.core.pool.task_dir import JobOptions, TaskDir
-from transcribe.core.pool.worker_process import run_job
+from transcribe.core.pool.job_runner import run_job
+from transcribe.core.pool.jobs import JobOptions
+from transcribe.core.pool.task_dir import TaskDir
 
 pytestmark = needs_shared
 CHILD = Path(__file__).with_name("crash_child.py")

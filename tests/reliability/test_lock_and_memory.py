@@ -6,11 +6,17 @@ import random
 import pytest
 
 from tests.conftest import needs_shared, shared_audio
-from tests.support.pool_helpers import Server, assert_exactly_once, ready_workers, results, wait_until
+from tests.support.pool_helpers import (
+    Server,
+    assert_exactly_once,
+    ready_workers,
+    results,
+    wait_until,
+)
 from transcribe.core import errors
 from transcribe.core.engine.funasr_transcriber import AsyncTranscriber
+from transcribe.core.pool.heartbeat import current_rss_mb
 from transcribe.core.pool.task_dir import TaskDir
-from transcribe.core.pool.worker_process import current_rss_mb
 
 pytestmark = needs_shared
 

@@ -12,7 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    write_to_textfile,
+)
 
 from transcribe.core.pool.task_dir import TaskDir
 

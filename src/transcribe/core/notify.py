@@ -18,7 +18,7 @@ from typing import Any
 
 from loguru import logger
 
-from transcribe.core.pool.task_dir import now_iso
+from transcribe.core.fsio import now_iso
 
 QUEUE_SIZE = 1000
 

@@ -7,13 +7,20 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from transcribe.config import Config
-from transcribe.core.errors import TranscribeError
 from transcribe.core.engine.formats import render
-from transcribe.core.pool.task_dir import write_atomic
+from transcribe.core.errors import TranscribeError
+from transcribe.core.fsio import write_atomic
 
 
 def output_paths(source: Path, out_dir: Path, formats: Sequence[str]) -> dict[str, Path]:

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 from transcribe.config import Config
+from transcribe.core.pool.heartbeat import pid_alive
 from transcribe.core.pool.task_dir import TaskDir
-from transcribe.core.pool.worker_process import pid_alive
 
 
 def collect_status(cfg: Config) -> dict[str, Any]:

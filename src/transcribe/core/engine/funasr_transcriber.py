@@ -28,14 +28,18 @@ from transcribe.config import Config
 from transcribe.core.engine import model_store
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, load_audio
 from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager
+from transcribe.core.engine.patches import (
+    after_job,
+    apply_patches,
+    patched_model_kwargs,
+)
+from transcribe.core.engine.result import Result, segments_from_funasr
 from transcribe.core.errors import (
     ModelLoadError,
     TranscribeError,
     TranscriptionError,
     TranscriptionTimeout,
 )
-from transcribe.core.engine.patches import after_job, apply_patches, patched_model_kwargs
-from transcribe.core.engine.result import Result, segments_from_funasr
 from transcribe.core.fault_injection import crash_point
 
 FAST_DIARIZATION_BATCH = 256  # CAM++ windows per forward call (1.5 s each: ~150 frames x 80 mels)

@@ -83,7 +83,9 @@ def cached_snapshot(repo_id: str, hub: str, revision: str | None) -> str | None:
 
             path = hf_snapshot(repo_id, revision=revision, local_files_only=True)
         else:
-            from modelscope.hub.snapshot_download import snapshot_download as ms_snapshot
+            from modelscope.hub.snapshot_download import (
+                snapshot_download as ms_snapshot,
+            )
 
             path = ms_snapshot(repo_id, revision=revision, local_files_only=True)
     except Exception:  # noqa: BLE001 - every "not in the cache" flavour the hub clients raise
@@ -164,7 +166,9 @@ def download_models(refs: dict[str, ModelRef], progress: Callable[[str], None] |
 
                 done[key] = hf_snapshot(ref.repo_id, revision=ref.revision)
             else:
-                from modelscope.hub.snapshot_download import snapshot_download as ms_snapshot
+                from modelscope.hub.snapshot_download import (
+                    snapshot_download as ms_snapshot,
+                )
 
                 done[key] = ms_snapshot(ref.repo_id, revision=ref.revision or "master")
         except Exception as e:  # noqa: BLE001 - the hub clients raise many types; we report each

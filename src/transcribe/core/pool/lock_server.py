@@ -1,7 +1,7 @@
 """`serve --mode lock`: the task directory served by one in-process `AsyncTranscriber`.
 
-Same protocol and same results as the pool (the job steps are `worker_process`'s own); one model,
-jobs one at a time behind the asyncio lock. For a single machine that wants one model in memory.
+Same protocol and same results as the pool (one `job_runner.run_job` for both); one model, jobs one
+at a time behind the asyncio lock. For a single machine that wants one model in memory.
 """
 
 from __future__ import annotations
@@ -11,21 +11,18 @@ import contextlib
 import os
 import signal
 import threading
+from typing import Any
 
 from loguru import logger
 
 from transcribe.config import Config
 from transcribe.core.engine.funasr_transcriber import AsyncTranscriber
+from transcribe.core.engine.result import Result
 from transcribe.core.notify import Notifier
+from transcribe.core.pool.heartbeat import Heartbeat, WorkerStatus
+from transcribe.core.pool.inbox_watcher import InboxWatcher
+from transcribe.core.pool.job_runner import run_job
 from transcribe.core.pool.task_dir import TaskDir
-from transcribe.core.pool.worker_process import (
-    Heartbeat,
-    InboxWatcher,
-    WorkerStatus,
-    finish_job,
-    prepare_job,
-    settle_failed_job,
-)
 
 WORKER_ID = "lock"
 
@@ -49,7 +46,7 @@ async def serve_lock(cfg: Config) -> int:
     try:
         engine = await AsyncTranscriber.create(cfg)
     except Exception as exc:  # noqa: BLE001 - reported as the boot failure it is
-        from transcribe.core.pool.task_dir import error_info
+        from transcribe.core.pool.jobs import error_info
 
         status.state, status.error = "boot_failed", error_info(exc)
         heartbeat.beat()
@@ -60,6 +57,12 @@ async def serve_lock(cfg: Config) -> int:
     heartbeat.beat()
     logger.info("lock mode ready on {} (task dir {})", status.device, td.root)
     idle = max(cfg.pool.settle_seconds, 0.05)
+
+    def through_lock(*args: Any, **kwargs: Any) -> Result:
+        """`run_job` runs in a thread (its file I/O stays off the event loop); the model call comes back
+        to the loop, so it goes through the same `asyncio.Lock` as every other caller of `engine`."""
+        return asyncio.run_coroutine_threadsafe(engine.transcribe(*args, **kwargs), loop).result()
+
     async with engine:
         with InboxWatcher(td.inbox, wake):
             while not stop.is_set():
@@ -71,16 +74,7 @@ async def serve_lock(cfg: Config) -> int:
                         await asyncio.wait_for(stop.wait(), timeout=min(idle, cfg.pool.rescan_interval))
                     continue
                 status.start_job(job.job_id)
-                outcome, result = "done", None
-                try:
-                    options = prepare_job(td, job)
-                    result = await engine.transcribe(job.audio_path, speakers=options.speakers,
-                                                     hotwords=options.hotwords, extension=job.extension,
-                                                     source_name=job.record.original_name)
-                    finish_job(td, job, result, options, cfg, notifier)
-                    logger.info("job {} done: rtf {:.3f}", job.job_id, result.rtf)
-                except Exception as exc:  # noqa: BLE001 - the job's fault is recorded; the server lives on
-                    outcome = settle_failed_job(td, job, exc, WORKER_ID, notifier)
+                outcome, result = await asyncio.to_thread(run_job, td, job, through_lock, cfg, WORKER_ID, notifier)
                 status.end_job(outcome, result)
     status.state = "exited"
     notifier.close()

@@ -5,8 +5,9 @@ respawned worker skips it and is ready after the model load and warm-up. Importi
 initialise CUDA or MPS: that still happens only in the workers.
 """
 
-from transcribe.core.engine import funasr_transcriber, worker_process  # noqa: F401
+from transcribe.core.engine import funasr_transcriber  # noqa: F401
 from transcribe.core.engine.model_store import quiet_funasr
+from transcribe.core.pool import worker_process  # noqa: F401
 
 with quiet_funasr():
     import funasr.auto.auto_model  # noqa: F401

@@ -24,9 +24,15 @@ from loguru import logger
 
 from transcribe.config import Config
 from transcribe.core.errors import ConfigError
+from transcribe.core.fsio import now_iso, write_atomic
 from transcribe.core.metrics import PoolMetrics, worker_states
-from transcribe.core.pool.task_dir import TaskDir, now_iso, write_atomic
-from transcribe.core.pool.worker_process import EXIT_BOOT_FAILED, EXIT_OK, EXIT_RECYCLE, worker_main
+from transcribe.core.pool.task_dir import TaskDir
+from transcribe.core.pool.worker_process import (
+    EXIT_BOOT_FAILED,
+    EXIT_OK,
+    EXIT_RECYCLE,
+    worker_main,
+)
 
 METRICS_INTERVAL = 2.0  # seconds between metrics text-file writes
 TICK = 0.25  # seconds between loop turns when nothing wakes us

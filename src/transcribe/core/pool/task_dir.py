@@ -24,158 +24,34 @@ Invariants (docs/task-directory.md):
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
 import time
-import unicodedata
-import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from transcribe.config import validate_formats
-from transcribe.core.errors import SidecarError, TranscribeError
+from transcribe.core.errors import TranscribeError
 from transcribe.core.fault_injection import crash_point
+from transcribe.core.fsio import now_iso, write_atomic
+from transcribe.core.pool.jobs import (
+    Job,
+    JobOptions,
+    JobRecord,
+    RefusedInput,
+    new_job_id,
+    parse_options,
+)
 
 STATES = ("inbox", "tmp", "processing", "done", "failed")
 JOB_SUFFIX = ".job"  # a requeued or submitted job in inbox/: a directory holding audio + job.json
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", ".json")
 JOB_FILE, LEASE_FILE, SIDECAR_FILE, ERROR_FILE = "job.json", "lease.json", "sidecar.json", "error.json"
 STATUS_DIR = "workers"
-_SAFE_STEM = re.compile(r"[^\w.-]+", re.UNICODE)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def new_job_id(original_name: str) -> str:
-    """Time-ordered and unique: ``20261123T190812123-1f3a9c2b-meeting`` (sortable, keeps the stem)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
-    stem = unicodedata.normalize("NFC", Path(original_name).stem)
-    stem = _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
-    return f"{stamp}-{uuid.uuid4().hex[:8]}-{stem}"
-
-
-class JobOptions(BaseModel):
-    """Per-job options from a sidecar JSON file (or `submit` flags). Unknown keys are an error."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    speakers: int | None = Field(default=None, ge=1, le=64)
-    hotwords: list[str] | None = Field(default=None, max_length=1000)
-    formats: list[str] | None = None
-    priority: int = Field(default=0, ge=-100, le=100)
-
-    @field_validator("formats")
-    @classmethod
-    def _formats(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else validate_formats(v)
-
-    @field_validator("hotwords")
-    @classmethod
-    def _hotwords(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and any(len(w) > 100 or not w.strip() for w in v):
-            raise ValueError("each hotword must be a non-empty string of at most 100 characters")
-        return v
-
-
-def parse_options(raw: bytes, max_bytes: int) -> JobOptions:
-    """Validate sidecar bytes; raises `SidecarError` naming what is wrong."""
-    if len(raw) > max_bytes:
-        raise SidecarError(f"sidecar is {len(raw)} bytes, over the {max_bytes}-byte limit")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SidecarError(f"sidecar is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise SidecarError("sidecar must be a JSON object such as {\"speakers\": 2}")
-    try:
-        return JobOptions.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'sidecar'}: {x['msg']}" for x in e.errors())
-        raise SidecarError(f"sidecar rejected: {problems}") from None
-
-
-@dataclass
-class JobRecord:
-    """job.json: what a job is, carried with it from state to state."""
-
-    job_id: str
-    original_name: str
-    audio_name: str  # the audio file's name inside the job dir
-    created: str
-    attempts: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt that ended badly
-    options: dict[str, Any] | None = None  # validated options (from submit); a raw sidecar.json otherwise
-    claimed: float | None = None  # unix time of the latest claim (inbox-to-claim latency)
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, ensure_ascii=False, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "JobRecord":
-        d = json.loads(text)
-        return cls(job_id=str(d["job_id"]), original_name=str(d["original_name"]), audio_name=str(d["audio_name"]),
-                   created=str(d["created"]), attempts=int(d.get("attempts", 0)), history=list(d.get("history", [])),
-                   options=d.get("options"), claimed=d.get("claimed"))
-
-
-@dataclass
-class Job:
-    """A claimed job: its directory under processing/ and its record."""
-
-    dir: Path
-    record: JobRecord
-
-    @property
-    def job_id(self) -> str:
-        return self.record.job_id
-
-    @property
-    def audio_path(self) -> Path:
-        return self.dir / self.record.audio_name
-
-    @property
-    def extension(self) -> str:
-        return Path(self.record.original_name).suffix.lower()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: str | bytes, staging: Path, mode: int = 0o640,
-                 before_rename: Callable[[], None] | None = None) -> None:
-    """Write `data` to a file in `staging`, fsync it, rename it to `path` (same filesystem)."""
-    tmp = staging / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _is_candidate(name: str) -> bool:
@@ -330,13 +206,13 @@ class TaskDir:
         except FileNotFoundError:
             raise AudioError(f"{job.record.original_name!r}: the job holds no audio file") from None
         if stat.S_ISLNK(st.st_mode):
-            raise _Refused("symlink_refused", f"{job.record.original_name!r} is a symbolic link; links are not "
+            raise RefusedInput("symlink_refused", f"{job.record.original_name!r} is a symbolic link; links are not "
                                               f"followed (copy the file into the inbox instead)")
         if not stat.S_ISREG(st.st_mode):
-            raise _Refused("not_regular_file", f"{job.record.original_name!r} is not a regular file "
+            raise RefusedInput("not_regular_file", f"{job.record.original_name!r} is not a regular file "
                                                f"(FIFOs, devices and directories are refused)")
         if st.st_nlink > 1:
-            raise _Refused("hardlink_refused", f"{job.record.original_name!r} has {st.st_nlink} hard links; "
+            raise RefusedInput("hardlink_refused", f"{job.record.original_name!r} has {st.st_nlink} hard links; "
                                                f"hard-linked files are refused (copy the file instead)")
 
     def options(self, job: Job) -> JobOptions:
@@ -530,21 +406,3 @@ class TaskDir:
                 with contextlib.suppress(FileNotFoundError):
                     ages.append(time.time() - e.stat(follow_symlinks=False).st_mtime)
         return max(ages) if ages else None
-
-
-class _Refused(TranscribeError):
-    """An inbox entry that is refused for safety, with its own reason code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def error_info(exc: BaseException) -> dict[str, Any]:
-    """The machine-readable record of an error, for error.json and job history."""
-    if isinstance(exc, TranscribeError):
-        return exc.to_dict()
-    if isinstance(exc, OSError) and exc.errno is not None:
-        code = errno.errorcode.get(exc.errno, str(exc.errno))
-        return {"reason": code, "error_type": type(exc).__name__, "message": str(exc), "retryable": True}
-    return {"reason": "internal_error", "error_type": type(exc).__name__, "message": str(exc), "retryable": True}

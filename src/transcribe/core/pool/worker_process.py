@@ -15,207 +15,28 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
 from transcribe.config import Config
-from transcribe.core.errors import TranscribeError
-from transcribe.core.engine.formats import render
 from transcribe.core.notify import Notifier
-from transcribe.core.engine.result import Result
-from transcribe.core.pool.task_dir import Job, JobOptions, TaskDir, error_info, now_iso, write_atomic
+from transcribe.core.pool.heartbeat import (
+    Heartbeat,
+    WorkerStatus,
+    current_rss_mb,
+    pid_alive,
+)
+from transcribe.core.pool.inbox_watcher import InboxWatcher
+from transcribe.core.pool.job_runner import run_job
+from transcribe.core.pool.jobs import Job, error_info
+from transcribe.core.pool.task_dir import TaskDir
 
 EXIT_OK, EXIT_BOOT_FAILED, EXIT_RECYCLE, EXIT_ORPHANED = 0, 3, 4, 5
-
-
-@dataclass
-class WorkerStatus:
-    """``workers/<id>.json``: what `transcribe status` shows for a worker."""
-
-    worker_id: str
-    pid: int
-    state: str = "booting"  # booting, ready, busy, stopping, boot_failed, exited
-    device: str | None = None
-    dtype: str | None = None
-    started: str = field(default_factory=now_iso)
-    ready_after_s: float | None = None
-    job: str | None = None
-    job_started_ts: float | None = None
-    job_stage: str | None = None  # the FunASR stage running now: vad, asr, spk, punc
-    progress_ts: float | None = None  # when the job last made progress (a sub-model call started)
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    rtf_sum: float = 0.0
-    audio_seconds: float = 0.0
-    rss_mb: float = 0.0
-    error: dict[str, Any] | None = None
-    patches: list[str] = field(default_factory=list)
-
-    def start_job(self, job_id: str) -> None:
-        now = time.time()
-        self.state, self.job, self.job_started_ts = "busy", job_id, now
-        self.job_stage, self.progress_ts = "decode", now
-
-    def end_job(self, outcome: str, result: Result | None) -> None:
-        """Count the job (done with its result, or failed) and go back to ready."""
-        if outcome == "done" and result is not None:
-            self.jobs_done += 1
-            self.rtf_sum += result.rtf
-            self.audio_seconds += result.duration
-        elif outcome == "failed":
-            self.jobs_failed += 1
-        self.state, self.job, self.job_started_ts, self.job_stage, self.progress_ts = "ready", None, None, None, None
-
-    @property
-    def mean_rtf(self) -> float | None:
-        return round(self.rtf_sum / self.jobs_done, 5) if self.jobs_done else None
-
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "mean_rtf": self.mean_rtf}, ensure_ascii=False)
-
-
-def current_rss_mb() -> float:
-    """Resident set size now (Linux /proc), else the peak from getrusage."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether process `pid` exists (the supervisor, for a worker: not getppid(), since with
-    forkserver the parent is the fork server)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Heartbeat(threading.Thread):
-    """Rewrites the status file every `interval` seconds; its mtime is the worker's heartbeat.
-
-    Beating from a thread keeps a worker alive through a long ``generate``; but a busy worker whose
-    job has made no progress for `stall_timeout` (a model call that never returns) stops beating,
-    so the supervisor's heartbeat check kills it and requeues the job.
-    """
-
-    def __init__(self, path: Path, status: WorkerStatus, interval: float, staging: Path,
-                 stall_timeout: float = float("inf")) -> None:
-        super().__init__(name="heartbeat", daemon=True)
-        self.path, self.status, self.interval, self.staging = path, status, interval, staging
-        self.stall_timeout = stall_timeout
-        self._stop_event = threading.Event()
-
-    def stalled(self) -> bool:
-        s = self.status
-        return s.state == "busy" and s.progress_ts is not None and time.time() - s.progress_ts > self.stall_timeout
-
-    def beat(self) -> None:
-        if self.stalled():
-            logger.error("job {} made no progress for {:.0f}s (pool.job_stall_timeout); heartbeat stops",
-                         self.status.job, time.time() - (self.status.progress_ts or 0))
-            return
-        self.status.rss_mb = round(current_rss_mb(), 1)
-        try:
-            write_atomic(self.path, self.status.to_json(), self.staging, 0o640)
-        except OSError as e:  # a full disk must not kill the worker; the stale mtime will tell
-            logger.warning("heartbeat write failed: {}", e)
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            self.beat()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
-class InboxWatcher:
-    """Wakes the worker when something lands in inbox/ (watchdog/inotify); the loop also rescans."""
-
-    def __init__(self, inbox: Path, wake: threading.Event) -> None:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        class _Handler(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
-                wake.set()
-
-        self._observer = Observer()
-        self._observer.schedule(_Handler(), str(inbox), recursive=False)
-
-    def __enter__(self) -> "InboxWatcher":
-        self._observer.daemon = True
-        self._observer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._observer.stop()
-
-
-# --------------------------------------------------------------------------- one job, both modes
-def prepare_job(td: TaskDir, job: Job) -> JobOptions:
-    """Refuse unsafe input and read the options (raises a non-retryable error for either)."""
-    td.check_input(job)
-    return td.options(job)
-
-
-def finish_job(td: TaskDir, job: Job, result: Result, options: JobOptions, cfg: Config,
-               notifier: Notifier | None = None) -> Path:
-    formats = list(dict.fromkeys(["json", *(options.formats or cfg.output.formats)]))
-    outputs = {fmt: render(result, fmt) for fmt in formats}
-    path = td.complete(job, outputs, keep_audio=cfg.pool.keep_audio)
-    if notifier:
-        notifier.send("job.done", job_id=job.job_id, source=job.record.original_name, result_path=str(path),
-                      duration=result.duration, rtf=result.rtf, speakers=result.speakers)
-    return path
-
-
-def settle_failed_job(td: TaskDir, job: Job, exc: BaseException, worker_id: str,
-                      notifier: Notifier | None = None) -> str:
-    """Bad input fails the job now; anything retryable (FunASR error, full disk) requeues it."""
-    info = error_info(exc)
-    if isinstance(exc, TranscribeError) and not exc.retryable:
-        td.fail(job, info, worker_id)
-        outcome = "failed"
-    else:
-        logger.opt(exception=exc if not isinstance(exc, (TranscribeError, OSError)) else None).warning(
-            "job {} hit a retryable error: {}", job.job_id, info["message"])
-        outcome = td.release(job, info)
-    if outcome == "failed" and notifier:
-        failed = td.failed / job.job_id
-        notifier.send("job.failed", job_id=job.job_id, source=job.record.original_name,
-                      error_path=str(failed / "error.json"), **info)
-    return outcome
-
-
-def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Config, worker_id: str,
-            notifier: Notifier | None = None) -> tuple[str, Result | None]:
-    """Run one claimed job to done/, failed/ or back to inbox/. Never raises for a job's own fault."""
-    try:
-        options = prepare_job(td, job)
-        result = transcribe(job.audio_path, speakers=options.speakers, hotwords=options.hotwords,
-                            extension=job.extension, source_name=job.record.original_name)
-        path = finish_job(td, job, result, options, cfg, notifier)
-    except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
-        return settle_failed_job(td, job, exc, worker_id, notifier), None
-    logger.info("job {} done: {:.1f}s audio, rtf {:.3f}, {} speakers -> {}", job.job_id, result.duration,
-                result.rtf, len(result.speakers), path.name)
-    return "done", result
 
 
 # --------------------------------------------------------------------------- the process

@@ -1,0 +1,131 @@
+"""What a job is: its options (sidecar or `submit`), its record (job.json), a claimed job, and the
+machine-readable record of an error. Pure data; the folder protocol is `task_dir.py`."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from transcribe.config import validate_formats
+from transcribe.core.errors import SidecarError, TranscribeError
+
+_SAFE_STEM = re.compile(r"[^\w.-]+", re.UNICODE)
+
+
+def new_job_id(original_name: str) -> str:
+    """Time-ordered and unique: ``20261123T190812123-1f3a9c2b-meeting`` (sortable, keeps the stem)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
+    stem = unicodedata.normalize("NFC", Path(original_name).stem)
+    stem = _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
+    return f"{stamp}-{uuid.uuid4().hex[:8]}-{stem}"
+
+
+class JobOptions(BaseModel):
+    """Per-job options from a sidecar JSON file (or `submit` flags). Unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speakers: int | None = Field(default=None, ge=1, le=64)
+    hotwords: list[str] | None = Field(default=None, max_length=1000)
+    formats: list[str] | None = None
+    priority: int = Field(default=0, ge=-100, le=100)
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else validate_formats(v)
+
+    @field_validator("hotwords")
+    @classmethod
+    def _hotwords(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(len(w) > 100 or not w.strip() for w in v):
+            raise ValueError("each hotword must be a non-empty string of at most 100 characters")
+        return v
+
+
+def parse_options(raw: bytes, max_bytes: int) -> JobOptions:
+    """Validate sidecar bytes; raises `SidecarError` naming what is wrong."""
+    if len(raw) > max_bytes:
+        raise SidecarError(f"sidecar is {len(raw)} bytes, over the {max_bytes}-byte limit")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SidecarError(f"sidecar is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SidecarError("sidecar must be a JSON object such as {\"speakers\": 2}")
+    try:
+        return JobOptions.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'sidecar'}: {x['msg']}" for x in e.errors())
+        raise SidecarError(f"sidecar rejected: {problems}") from None
+
+
+@dataclass
+class JobRecord:
+    """job.json: what a job is, carried with it from state to state."""
+
+    job_id: str
+    original_name: str
+    audio_name: str  # the audio file's name inside the job dir
+    created: str
+    attempts: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt that ended badly
+    options: dict[str, Any] | None = None  # validated options (from submit); a raw sidecar.json otherwise
+    claimed: float | None = None  # unix time of the latest claim (inbox-to-claim latency)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, ensure_ascii=False, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobRecord":
+        d = json.loads(text)
+        return cls(job_id=str(d["job_id"]), original_name=str(d["original_name"]), audio_name=str(d["audio_name"]),
+                   created=str(d["created"]), attempts=int(d.get("attempts", 0)), history=list(d.get("history", [])),
+                   options=d.get("options"), claimed=d.get("claimed"))
+
+
+@dataclass
+class Job:
+    """A claimed job: its directory under processing/ and its record."""
+
+    dir: Path
+    record: JobRecord
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+    @property
+    def audio_path(self) -> Path:
+        return self.dir / self.record.audio_name
+
+    @property
+    def extension(self) -> str:
+        return Path(self.record.original_name).suffix.lower()
+
+
+class RefusedInput(TranscribeError):
+    """An inbox entry that is refused for safety, with its own reason code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """The machine-readable record of an error, for error.json and job history."""
+    if isinstance(exc, TranscribeError):
+        return exc.to_dict()
+    if isinstance(exc, OSError) and exc.errno is not None:
+        code = errno.errorcode.get(exc.errno, str(exc.errno))
+        return {"reason": code, "error_type": type(exc).__name__, "message": str(exc), "retryable": True}
+    return {"reason": "internal_error", "error_type": type(exc).__name__, "message": str(exc), "retryable": True}
