@@ -23,6 +23,7 @@ from transcribe.core.errors import ConfigError, TranscribeError
 EPILOG = """\
 examples:
   transcribe run meeting.wav -o out --format srt,json --speakers 2
+  transcribe run talk.wav --format all --min-speakers 2 --max-speakers 4 --word-timestamps
   transcribe serve --mode pool --workers 2 --task-dir tasks
   transcribe submit call.mp3 --speakers 2 --wait
   transcribe status
@@ -43,10 +44,44 @@ def _formats(text: str) -> list[str]:
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
     """The per-job options `run` and `submit` share (a sidecar's keys)."""
-    parser.add_argument("--format", type=_formats, help=f"comma-separated, from {','.join(OUTPUT_FORMATS)} "
-                                                        "(default: output.formats)")
+    parser.add_argument("--format", type=_formats, help=f"comma-separated, from {','.join(OUTPUT_FORMATS)}, "
+                                                        "or all (default: output.formats)")
     parser.add_argument("--speakers", type=int, metavar="N", help="number of speakers, if known")
+    parser.add_argument("--min-speakers", type=int, metavar="N",
+                        help="at least N speakers (bounds the estimated count; not with --speakers)")
+    parser.add_argument("--max-speakers", type=int, metavar="N",
+                        help="at most N speakers (bounds the estimated count; not with --speakers)")
+    parser.add_argument("--no-diarize", dest="diarize", action="store_false",
+                        help="skip speaker labels for this job (no speaker model run)")
     parser.add_argument("--hotwords", nargs="+", metavar="WORD", help="words to favour (SeACo Paraformer)")
+    parser.add_argument("--batch-size", dest="batch_size_s", type=int, metavar="SECONDS",
+                        help="seconds of audio per ASR batch (default: funasr.batch_size_s); lower it if the "
+                             "GPU runs out of memory")
+    parser.add_argument("--word-timestamps", action="store_true", default=None,
+                        help="add each segment's words (characters for Chinese) with times to the JSON")
+    parser.add_argument("--max-line-width", type=int, metavar="N",
+                        help="srt/vtt: wrap cue lines at N characters (default: output.max_line_width)")
+    parser.add_argument("--max-line-count", type=int, metavar="N",
+                        help="srt/vtt: at most N lines per cue; longer segments become several cues")
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="neither read nor write the result cache for these files (with cache.enabled)")
+
+
+def _job_options(args: argparse.Namespace, **extra: Any) -> Any:
+    """The `JobOptions` of `run`/`submit` flags, validated as a sidecar is; a bad combination is a usage error."""
+    from pydantic import ValidationError
+
+    from transcribe.core.pool.jobs import JobOptions, option_errors
+
+    try:
+        return JobOptions(speakers=args.speakers, min_speakers=args.min_speakers, max_speakers=args.max_speakers,
+                          diarize=args.diarize, hotwords=args.hotwords, formats=args.format,
+                          batch_size_s=args.batch_size_s, word_timestamps=args.word_timestamps,
+                          max_line_width=args.max_line_width, max_line_count=args.max_line_count,
+                          cache=args.cache, **extra)
+    except ValidationError as e:
+        flags = option_errors(e).replace("_", "-")
+        raise ConfigError(f"invalid options: {flags}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where outputs go (default: .)")
     _add_job_options(run)
     run.add_argument("--device", help="override funasr.device: auto, cuda, cuda:N, mps, cpu")
+    run.add_argument("--model", metavar="DIR_OR_ALIAS", help="override funasr.model, the ASR model (a directory "
+                                                             "or an alias such as paraformer-zh)")
+    run.add_argument("--threads", type=int, metavar="N", help="override funasr.ncpu: CPU threads for torch")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -155,10 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from transcribe.core.run_files import run_files
 
-    overrides = {"funasr.device": args.device} if args.device else {}
+    overrides = {key: value for key, value in (("funasr.device", args.device), ("funasr.model", args.model),
+                                               ("funasr.ncpu", args.threads)) if value is not None}
+    options = _job_options(args)
     cfg = _load(args, overrides)
-    return run_files(cfg, args.files, args.output_dir, formats=args.format or cfg.output.formats,
-                     speakers=args.speakers, hotwords=args.hotwords, quiet=args.quiet, as_json=args.json)
+    return run_files(cfg, args.files, args.output_dir, options=options, quiet=args.quiet, as_json=args.json)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -180,16 +219,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from transcribe.core.pool.jobs import JobOptions
     from transcribe.core.pool.task_dir import TaskDir
 
+    options = _job_options(args, priority=args.priority)
     cfg = _load(args)
     td = TaskDir.from_config(cfg).ensure()
-    try:
-        options = JobOptions(speakers=args.speakers, hotwords=args.hotwords, formats=args.format,
-                             priority=args.priority)
-    except ValueError as e:
-        raise ConfigError(f"invalid job options: {e}") from None
     ids = []
     for f in args.files:
         if not f.is_file():

@@ -24,7 +24,8 @@ ENV_PREFIX = "TRANSCRIBE__"
 DEFAULT_CONFIG_NAME = "config.json"
 
 DeviceKind = Literal["cuda", "mps", "cpu"]
-OUTPUT_FORMATS = ("json", "txt", "srt", "vtt", "tsv")
+OUTPUT_FORMATS = ("json", "txt", "srt", "vtt", "tsv", "rttm")
+ALL_FORMATS = "all"  # in a format list: every one of OUTPUT_FORMATS
 
 
 class _Section(BaseModel):
@@ -47,6 +48,9 @@ class FunasrConfig(_Section):
     device: str = "auto"
     device_priority: list[DeviceKind] = Field(default_factory=lambda: ["cuda", "mps", "cpu"])
     fallback_on_error: bool = True
+    # A job whose GPU/MPS run fails with out-of-memory or a missing operator is retried with half the
+    # batch, then on the CPU (engine/fallback.py); False: such a job fails (retryable) instead.
+    runtime_fallback: bool = True
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     ncpu: int = Field(default=4, ge=1)
     batch_size_s: int = Field(default=300, ge=1)
@@ -109,6 +113,11 @@ class PoolConfig(_Section):
 
 class OutputConfig(_Section):
     formats: list[str] = Field(default_factory=lambda: ["json", "txt"])
+    # Each segment's tokens with their times in the JSON (`words`); per job: word_timestamps.
+    word_timestamps: bool = False
+    # srt/vtt cue layout: wrap at this many characters, split cues past this many lines (None: no limit).
+    max_line_width: int | None = Field(default=None, ge=1)
+    max_line_count: int | None = Field(default=None, ge=1)
 
     @field_validator("formats")
     @classmethod
@@ -148,6 +157,14 @@ class MetricsConfig(_Section):
     textfile: str | None = None
 
 
+class CacheConfig(_Section):
+    """The result cache (`cache.*`, engine/result_cache.py): off unless enabled."""
+
+    enabled: bool = False
+    dir: str = "cache/results"
+    max_mb: float = Field(default=1024, gt=0)
+
+
 class Config(_Section):
     funasr: FunasrConfig = Field(default_factory=FunasrConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
@@ -156,6 +173,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     # Where the file came from: relative paths in it (models, task_dir, logs) resolve against it.
     base_dir: str = Field(default=".", exclude=True)
 
@@ -165,11 +183,15 @@ class Config(_Section):
 
 
 def validate_formats(formats: list[str]) -> list[str]:
+    """Lower-case, deduplicated, checked; ``all`` stands for every format."""
     out = []
     for f in formats:
         f = f.strip().lower()
+        if f == ALL_FORMATS:
+            out += [x for x in OUTPUT_FORMATS if x not in out]
+            continue
         if f not in OUTPUT_FORMATS:
-            raise ValueError(f"unknown format {f!r}; choose from {', '.join(OUTPUT_FORMATS)}")
+            raise ValueError(f"unknown format {f!r}; choose from {', '.join(OUTPUT_FORMATS)} or {ALL_FORMATS}")
         if f not in out:
             out.append(f)
     return out
@@ -271,3 +293,18 @@ def config_from_dict(data: dict[str, Any], base_dir: str | os.PathLike[str] = ".
         raise ConfigError(_format_validation_error(e, "dict")) from None
     cfg.base_dir = str(Path(base_dir).resolve())
     return cfg
+
+
+def as_config(source: "Config | Mapping[str, Any] | str | os.PathLike[str]") -> Config:
+    """A `Config` from a Config (as is), a dict (relative paths against the current directory) or a
+    path to a JSON/YAML file (loaded as the CLI loads it, environment overrides included)."""
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, Mapping):
+        return config_from_dict(dict(source), Path.cwd())
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {str(path)!r}")
+        return load_config(path)
+    raise ConfigError(f"expected a Config, a dict or a path to a config file, not {type(source).__name__}")

@@ -82,5 +82,11 @@ class TranscriptionTimeout(TranscribeError):
     retryable = True
 
 
+class InvalidOptionsError(TranscribeError):
+    """Job options that contradict each other or the models (e.g. speaker bounds without a speaker model)."""
+
+    reason = "options_invalid"
+
+
 class SidecarError(TranscribeError):
     reason = "sidecar_invalid"

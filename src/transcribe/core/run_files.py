@@ -21,17 +21,22 @@ from transcribe.config import Config
 from transcribe.core.engine.formats import render
 from transcribe.core.errors import TranscribeError
 from transcribe.core.fsio import write_atomic
+from transcribe.core.pool.jobs import JobOptions
 
 
 def output_paths(source: Path, out_dir: Path, formats: Sequence[str]) -> dict[str, Path]:
     return {fmt: out_dir / f"{source.stem}.{fmt}" for fmt in formats}
 
 
-def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Sequence[str],
-              speakers: int | None = None, hotwords: Sequence[str] | None = None, quiet: bool = False,
-              as_json: bool = False) -> int:
+def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, options: JobOptions | None = None,
+              quiet: bool = False, as_json: bool = False) -> int:
+    """Transcribe `files` with one model; `options` as a job's (the `run` flags), formats default to config."""
     from transcribe.core.engine.funasr_transcriber import Transcriber
     from transcribe.logging_setup import setup_logging
+
+    options = options or JobOptions()
+    formats = options.formats or cfg.output.formats
+    layout = options.layout(cfg)
 
     console = Console(stderr=True, quiet=quiet)
     setup_logging(cfg, "run", stderr_level="WARNING")
@@ -47,10 +52,13 @@ def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Seq
             task = progress.add_task(path.name, total=None)
             row: dict = {"file": str(path)}
             try:
-                result = transcriber.transcribe(path, speakers=speakers, hotwords=hotwords)
+                result = transcriber.transcribe(path, **options.engine_kwargs(cfg))
+                if result.fallback:
+                    console.print(f"[yellow]fell back[/yellow] {path}: {result.fallback['reason']} on "
+                                  f"{result.fallback['from']}, ran on {result.device}")
                 written = []
                 for fmt, target in output_paths(path, out_dir, formats).items():
-                    write_atomic(target, render(result, fmt), out_dir, 0o644)
+                    write_atomic(target, render(result, fmt, layout), out_dir, 0o644)
                     written.append(str(target))
                 row.update(ok=True, duration=result.duration, speakers=len(result.speakers), rtf=result.rtf,
                            outputs=written)

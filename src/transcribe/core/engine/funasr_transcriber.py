@@ -9,32 +9,52 @@ length) and then embeds them one forward call per window. Raising the speaker su
 size makes FunASR's own ``inference`` embed them in one batched call instead: the same windows,
 the same model, the same clustering, so the same labels (tests/test_parity.py checks it against
 bare FunASR). It applies to CAM++ only; any other speaker model runs FunASR's path, logged once.
+
+Per call, under the lock: ``diarize=False`` skips the speaker model for that call only (FunASR runs
+its speaker stage when ``AutoModel.spk_model is not None``, so the attribute is None for the call
+and restored after: the output equals an AutoModel built without ``spk_model``); speaker-count
+bounds go to the clustering wrapper (`patches/cluster_bounds.py`). Around the call: the result
+cache (`result_cache.py`, opt-in) and the runtime device fallback (`fallback.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from loguru import logger
 
-from transcribe.config import Config
+from transcribe.config import Config, as_config
 from transcribe.core.engine import model_store
-from transcribe.core.engine.audio import SAMPLE_RATE, Audio, load_audio
+from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
 from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager
+from transcribe.core.engine.fallback import device_failure_reason, release_device_memory, retry_plan
+from transcribe.core.engine.options import TranscribeOptions, option_problems
 from transcribe.core.engine.patches import (
     after_job,
     apply_patches,
+    cluster_bounds,
     patched_model_kwargs,
 )
 from transcribe.core.engine.result import Result, segments_from_funasr
+from transcribe.core.engine.result_cache import (
+    ResultCache,
+    cache_key,
+    engine_identity,
+    file_digest,
+    model_identity,
+)
 from transcribe.core.errors import (
+    InvalidOptionsError,
     ModelLoadError,
     TranscribeError,
     TranscriptionError,
@@ -91,13 +111,16 @@ def spk_model_class(ref: model_store.ModelRef) -> str | None:
 
 
 def build_generate_kwargs(cfg: Config, *, speakers: int | None = None, hotwords: Sequence[str] | None = None,
-                          batch_size_s: int | None = None) -> dict[str, Any]:
+                          batch_size_s: int | None = None, word_timestamps: bool = False) -> dict[str, Any]:
     """The keyword arguments for ``generate(...)`` besides ``input``: pure, shared with the parity tests."""
     kwargs: dict[str, Any] = {"batch_size_s": batch_size_s or cfg.funasr.batch_size_s, "sentence_timestamp": True}
     if speakers:
         kwargs["preset_spk_num"] = int(speakers)
     if hotwords:
         kwargs["hotword"] = " ".join(hotwords)
+    if word_timestamps:
+        # Each sentence then carries its tokens (raw_text) beside its per-token timestamps; text is unchanged.
+        kwargs["return_raw_text"] = True
     kwargs.update(cfg.funasr.generate_kwargs)
     return kwargs
 
@@ -137,12 +160,28 @@ class Transcriber:
         self._time_stages()
         self._autocast_encoder()
         self.fast_diarization = self._enable_fast_diarization()
+        self.clustering = cluster_bounds.install(self.model, version("funasr"))
+        if self.clustering is not None:
+            self.patches.append(cluster_bounds.NAME)
+        self.cache = self._open_cache()
+        self._cpu_copy: Transcriber | None = None  # built on the first job that falls back to the CPU
+        self._cpu_copy_lock = threading.Lock()
         logger.info("models loaded in {:.1f}s on {} (patches: {}; fast diarization: {})", self.load_time,
                     self.device.device, ", ".join(self.patches) or "none", self.fast_diarization)
 
     @classmethod
-    def from_config(cls, config: Config) -> "Transcriber":
-        return cls(config)
+    def from_config(cls, config: Config | dict[str, Any] | str | os.PathLike[str]) -> "Transcriber":
+        """Build from a `Config`, a dict of config keys, or a path to a config file."""
+        return cls(as_config(config))
+
+    def _open_cache(self) -> ResultCache | None:
+        c = self.config.cache
+        if not c.enabled:
+            return None
+        self._engine_identity = engine_identity(
+            self.config.funasr.model_dump(), self.device.kind,
+            (model_identity(r.role, r.name, r.path, r.revision) for r in self.refs.values()))
+        return ResultCache(self.config.resolve_path(c.dir), int(c.max_mb * 2**20))
 
     def _build(self) -> Any:
         kwargs = build_automodel_kwargs(self.config, self.device, self.refs)
@@ -218,15 +257,26 @@ class Transcriber:
 
         encoder.forward = forward
 
-    def generate(self, samples: np.ndarray, **kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    def generate(self, samples: np.ndarray, *, diarize: bool = True, speaker_bounds: tuple[int, int] | None = None,
+                 **kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """FunASR's ``generate`` on decoded samples, serialised, in the configured precision.
 
-        Returns the output and the seconds spent per stage (vad, asr, punc, spk)."""
+        ``diarize=False`` skips the speaker model for this call; ``speaker_bounds`` (min, max) bound
+        CAM++'s estimated count for this call. Returns the output and the seconds spent per stage
+        (vad, asr, punc, spk)."""
         with self._lock:
             self._stage_times.clear()
+            spk_model = self.model.spk_model
             try:
+                if not diarize:
+                    self.model.spk_model = None  # FunASR's test for its speaker stage; restored below
+                if self.clustering is not None:
+                    self.clustering.bounds = speaker_bounds
                 return self.model.generate(input=samples, **kwargs), dict(self._stage_times)
             finally:
+                self.model.spk_model = spk_model
+                if self.clustering is not None:
+                    self.clustering.bounds = None
                 after_job(self.device.device)
 
     def warm_up(self) -> float:
@@ -234,42 +284,142 @@ class Transcriber:
         self.generate(warmup_clip(), **build_generate_kwargs(self.config))
         return time.perf_counter() - started
 
-    def transcribe(self, path: str | Path, *, speakers: int | None = None, hotwords: Sequence[str] | None = None,
-                   batch_size_s: int | None = None, extension: str | None = None,
-                   source_name: str | None = None) -> Result:
-        """Transcribe one file. Raises `AudioError` for bad input, `TranscriptionError` if FunASR fails."""
-        started = time.perf_counter()
-        audio = load_audio(path, self.config.input.allowed_extensions, self.config.input.max_file_mb,
-                           extension=extension)
-        decoded = time.perf_counter()
-        return self.transcribe_audio(audio, speakers=speakers, hotwords=hotwords, batch_size_s=batch_size_s,
-                                     source_name=source_name or Path(path).name, started=started,
-                                     decode_time=decoded - started)
+    def check_options(self, options: TranscribeOptions) -> TranscribeOptions:
+        """Refuse contradictory options, and bounds this engine cannot honour, before any work."""
+        problems = option_problems(speakers=options.speakers, min_speakers=options.min_speakers,
+                                   max_speakers=options.max_speakers, diarize=options.diarize)
+        if options.speaker_bounds and self.clustering is None:
+            problems.append("min_speakers/max_speakers need a CAM++ speaker model (funasr.spk_model) "
+                            f"on funasr {', '.join(cluster_bounds.VERIFIED_FUNASR)}")
+        if problems:
+            raise InvalidOptionsError("; ".join(problems))
+        return options
 
-    def transcribe_audio(self, audio: Audio, *, speakers: int | None = None, hotwords: Sequence[str] | None = None,
-                         batch_size_s: int | None = None, source_name: str | None = None,
-                         started: float | None = None, decode_time: float = 0.0) -> Result:
+    def transcribe(self, path: str | Path, *, speakers: int | None = None, min_speakers: int | None = None,
+                   max_speakers: int | None = None, diarize: bool = True, hotwords: Sequence[str] | None = None,
+                   batch_size_s: int | None = None, word_timestamps: bool = False, use_cache: bool = True,
+                   extension: str | None = None, source_name: str | None = None) -> Result:
+        """Transcribe one file. Raises `AudioError` for bad input, `InvalidOptionsError` for bad options,
+        `TranscriptionError` if FunASR fails. With ``cache.enabled``, the same bytes and options come
+        from the result cache (``cached: true``) unless ``use_cache=False``."""
+        started = time.perf_counter()
+        path = Path(path)
+        options = self.check_options(TranscribeOptions.of(
+            speakers=speakers, min_speakers=min_speakers, max_speakers=max_speakers, diarize=diarize,
+            hotwords=hotwords, batch_size_s=batch_size_s, word_timestamps=word_timestamps))
+        name = source_name or path.name
+        allowed, max_mb = self.config.input.allowed_extensions, self.config.input.max_file_mb
+        key = None
+        if self.cache is not None and use_cache:
+            check_file(path, allowed, max_mb, extension=extension)
+            key = self._cache_key(path, (extension or path.suffix).lower(), options)
+            hit = self.cache.get(key)
+            if hit is not None:
+                logger.info("{}: result cache hit", name)
+                return dataclasses.replace(hit, source=name)
+        audio = load_audio(path, allowed, max_mb, extension=extension)
+        decoded = time.perf_counter()
+        result = self._transcribe(audio, options, name, started, decoded - started)
+        if key is not None and self.cache is not None:
+            self.cache.put(key, result)
+        return result
+
+    def transcribe_audio(self, audio: Audio, *, source_name: str | None = None, started: float | None = None,
+                         decode_time: float = 0.0, **options: Any) -> Result:
+        """Transcribe decoded audio (options as `transcribe`, less the cache, which keys on file bytes)."""
         started = time.perf_counter() if started is None else started
-        kwargs = build_generate_kwargs(self.config, speakers=speakers, hotwords=hotwords, batch_size_s=batch_size_s)
+        return self._transcribe(audio, self.check_options(TranscribeOptions.of(**options)), source_name, started,
+                                decode_time)
+
+    def _generate_kwargs(self, options: TranscribeOptions, batch_size_s: int | None = None) -> dict[str, Any]:
+        return build_generate_kwargs(self.config, speakers=options.speakers, hotwords=options.hotwords,
+                                     batch_size_s=batch_size_s or options.batch_size_s,
+                                     word_timestamps=options.word_timestamps)
+
+    def _cache_key(self, path: Path, extension: str, options: TranscribeOptions) -> str:
+        return cache_key(file_digest(path), extension,
+                         {"options": options.to_dict(), "generate": self._generate_kwargs(options)},
+                         self._engine_identity)
+
+    def _transcribe(self, audio: Audio, options: TranscribeOptions, source_name: str | None, started: float,
+                    decode_time: float) -> Result:
         gen_start = time.perf_counter()
         try:
             crash_point("generate")  # test hook (reliability suite: a model call that never returns)
-            output, stages = self.generate(audio.samples, **kwargs)
+            output, stages, device, fallback = self._generate_with_fallback(audio.samples, options, source_name)
         except TranscribeError:
             raise
         except Exception as e:  # noqa: BLE001 - surfaced as a typed, retryable error with the cause
             raise TranscriptionError(f"FunASR failed on {source_name or 'input'}: {type(e).__name__}: {e}") from e
         finished = time.perf_counter()
-        text, segments, speakers_found = segments_from_funasr(output, audio.duration)
+        text, segments, speakers_found = segments_from_funasr(output, audio.duration, words=options.word_timestamps)
         elapsed = finished - started
         return Result(
             text=text, segments=segments, speakers=speakers_found, duration=round(audio.duration, 3),
             processing_time=round(elapsed, 4), rtf=round(elapsed / audio.duration, 5) if audio.duration else 0.0,
-            device=self.device.device, models=dict(self.models),
+            device=device, models=dict(self.models),
             timings={"decode": round(decode_time, 4), "generate": round(finished - gen_start, 4),
                      **{stage: round(t, 4) for stage, t in stages.items()}},
-            source=source_name,
+            source=source_name, fallback=fallback,
         )
+
+    def _run_on(self, engine: "Transcriber", samples: np.ndarray, options: TranscribeOptions,
+                batch_size_s: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        return engine.generate(samples, diarize=options.diarize, speaker_bounds=options.speaker_bounds,
+                               **self._generate_kwargs(options, batch_size_s))
+
+    def _generate_with_fallback(self, samples: np.ndarray, options: TranscribeOptions, source_name: str | None,
+                                ) -> tuple[list[dict[str, Any]], dict[str, float], str, dict[str, Any] | None]:
+        """Run on this engine's device; on a device failure (out of memory, a missing operator) retry this
+        job as `fallback.retry_plan` says. Returns output, stage times, the device used and the fallback
+        record (None when the first try ran)."""
+        batch = options.batch_size_s or self.config.funasr.batch_size_s
+        try:
+            return (*self._run_on(self, samples, options, batch), self.device.device, None)
+        except TranscribeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified here; anything else propagates unchanged
+            reason = device_failure_reason(exc) if self.config.funasr.runtime_fallback else None
+            plan = retry_plan(reason, self.device.device, batch) if reason else []
+            if not plan:
+                raise
+            first = exc
+        for attempt in plan:
+            release_device_memory(self.device.device)
+            logger.warning("{} on {} ({}: {}): retrying this job on {} with batch_size_s {}", source_name or "input",
+                           self.device.device, reason, type(first).__name__, attempt.device, attempt.batch_size_s)
+            engine = self if attempt.device == self.device.device else self._cpu_engine()
+            try:
+                output, stages = self._run_on(engine, samples, options, attempt.batch_size_s)
+            except TranscribeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a device failure moves on to the next attempt
+                if device_failure_reason(exc) is None:
+                    raise
+                continue
+            fallback = {"reason": reason, "message": f"{type(first).__name__}: {str(first)[:500]}",
+                        "from": self.device.device, "to": engine.device.device,
+                        "batch_size_s": attempt.batch_size_s}
+            return output, stages, engine.device.device, fallback
+        raise first
+
+    def _forward_progress(self, stage: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(stage)
+
+    def _cpu_engine(self) -> "Transcriber":
+        """The CPU copy of the models for jobs that fall back (built once, on first need, then kept)."""
+        with self._cpu_copy_lock:
+            if self._cpu_copy is None:
+                logger.warning("building a CPU copy of the models for jobs that {} cannot run", self.device.device)
+                choice = DeviceChoice("cpu", "float32", f"runtime fallback from {self.device.device}",
+                                      self.device.device, fell_back=True)
+                no_cache = self.config.model_copy(update={"cache": self.config.cache.model_copy(
+                    update={"enabled": False})})
+                cpu = Transcriber(no_cache, choice, check_network=lambda _hub: True)
+                cpu.on_progress = self._forward_progress
+                self._cpu_copy = cpu
+            return self._cpu_copy
 
 
 def share_main_malloc_arena() -> bool:
@@ -313,13 +463,14 @@ class AsyncTranscriber:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funasr")
 
     @classmethod
-    def from_config(cls, config: Config) -> "AsyncTranscriber":
-        return _Pending(config)  # type: ignore[return-value]
+    def from_config(cls, config: Config | dict[str, Any] | str | os.PathLike[str]) -> "AsyncTranscriber":
+        """``async with AsyncTranscriber.from_config(x) as t``: x is a `Config`, a dict or a config file path."""
+        return _Pending(as_config(config))  # type: ignore[return-value]
 
     @classmethod
-    async def create(cls, config: Config) -> "AsyncTranscriber":
+    async def create(cls, config: Config | dict[str, Any] | str | os.PathLike[str]) -> "AsyncTranscriber":
         """Build the model in a thread (seconds to minutes) without blocking the event loop."""
-        transcriber = await asyncio.get_running_loop().run_in_executor(None, Transcriber, config)
+        transcriber = await asyncio.get_running_loop().run_in_executor(None, Transcriber, as_config(config))
         return cls(transcriber)
 
     async def __aenter__(self) -> "AsyncTranscriber":

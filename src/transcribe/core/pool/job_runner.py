@@ -25,7 +25,8 @@ def prepare_job(td: TaskDir, job: Job) -> JobOptions:
 def finish_job(td: TaskDir, job: Job, result: Result, options: JobOptions, cfg: Config,
                notifier: Notifier | None = None) -> Path:
     formats = list(dict.fromkeys(["json", *(options.formats or cfg.output.formats)]))
-    outputs = {fmt: render(result, fmt) for fmt in formats}
+    layout = options.layout(cfg)
+    outputs = {fmt: render(result, fmt, layout) for fmt in formats}
     path = td.complete(job, outputs, keep_audio=cfg.pool.keep_audio)
     if notifier:
         notifier.send("job.done", job_id=job.job_id, source=job.record.original_name, result_path=str(path),
@@ -56,8 +57,11 @@ def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Confi
     """Run one claimed job to done/, failed/ or back to inbox/. Never raises for a job's own fault."""
     try:
         options = prepare_job(td, job)
-        result = transcribe(job.audio_path, speakers=options.speakers, hotwords=options.hotwords,
-                            extension=job.extension, source_name=job.record.original_name)
+        result = transcribe(job.audio_path, **options.engine_kwargs(cfg), extension=job.extension,
+                            source_name=job.record.original_name)
+        if result.fallback and notifier:
+            notifier.send("job.fallback", job_id=job.job_id, source=job.record.original_name, device=result.device,
+                          **result.fallback)
         path = finish_job(td, job, result, options, cfg, notifier)
     except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
         return settle_failed_job(td, job, exc, worker_id, notifier), None

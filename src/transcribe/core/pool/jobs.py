@@ -13,9 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from transcribe.config import validate_formats
+from transcribe.config import Config, validate_formats
+from transcribe.core.engine.formats import SubtitleLayout
+from transcribe.core.engine.options import MAX_SPEAKERS, option_problems
 from transcribe.core.errors import SidecarError, TranscribeError
 
 _SAFE_STEM = re.compile(r"[^\w.-]+", re.UNICODE)
@@ -34,10 +36,39 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    speakers: int | None = Field(default=None, ge=1, le=64)
+    speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
+    # Bounds on CAM++'s estimated speaker count (not together with speakers).
+    min_speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
+    max_speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
+    diarize: bool = True  # false: no speaker model for this job
     hotwords: list[str] | None = Field(default=None, max_length=1000)
     formats: list[str] | None = None
     priority: int = Field(default=0, ge=-100, le=100)
+    batch_size_s: int | None = Field(default=None, ge=1)  # None: funasr.batch_size_s
+    word_timestamps: bool | None = None  # None: output.word_timestamps
+    max_line_width: int | None = Field(default=None, ge=1)  # None: output.max_line_width
+    max_line_count: int | None = Field(default=None, ge=1)  # None: output.max_line_count
+    cache: bool = True  # false: neither read nor write the result cache for this job
+
+    @model_validator(mode="after")
+    def _speaker_options(self) -> "JobOptions":
+        problems = option_problems(speakers=self.speakers, min_speakers=self.min_speakers,
+                                   max_speakers=self.max_speakers, diarize=self.diarize)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def engine_kwargs(self, cfg: Config) -> dict[str, Any]:
+        """The keyword arguments of `Transcriber.transcribe` for this job."""
+        return {"speakers": self.speakers, "min_speakers": self.min_speakers, "max_speakers": self.max_speakers,
+                "diarize": self.diarize, "hotwords": self.hotwords, "batch_size_s": self.batch_size_s,
+                "word_timestamps": cfg.output.word_timestamps if self.word_timestamps is None
+                else self.word_timestamps, "use_cache": self.cache}
+
+    def layout(self, cfg: Config) -> SubtitleLayout:
+        """srt/vtt line limits: this job's, else the configuration's."""
+        return SubtitleLayout(self.max_line_width or cfg.output.max_line_width,
+                              self.max_line_count or cfg.output.max_line_count)
 
     @field_validator("formats")
     @classmethod
@@ -65,8 +96,13 @@ def parse_options(raw: bytes, max_bytes: int) -> JobOptions:
     try:
         return JobOptions.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'sidecar'}: {x['msg']}" for x in e.errors())
-        raise SidecarError(f"sidecar rejected: {problems}") from None
+        raise SidecarError(f"sidecar rejected: {option_errors(e)}") from None
+
+
+def option_errors(e: ValidationError) -> str:
+    """A `JobOptions` validation error as one line: ``key: problem; key: problem``."""
+    return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg'].removeprefix('Value error, ')}"
+                     for x in e.errors())
 
 
 @dataclass
