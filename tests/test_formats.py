@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from transcribe.core.engine.formats import FORMATTERS, render
-from transcribe.core.engine.result import Result, Segment
+from transcribe.core.engine.formats import FORMATTERS, SubtitleLayout, cue_lines, render
+from transcribe.core.engine.result import Result, Segment, Word
 
 EXPECTED = Path(__file__).parent / "data" / "expected"
 
@@ -24,13 +24,43 @@ EMPTY = Result(text="", segments=[], speakers=[], duration=5.0, processing_time=
                models={})
 
 
-@pytest.mark.parametrize("fmt", ["txt", "srt", "vtt", "tsv"])
+@pytest.mark.parametrize("fmt", ["txt", "srt", "vtt", "tsv", "rttm"])
 @pytest.mark.parametrize("name, result", [("sample", SAMPLE), ("empty", EMPTY)])
 def test_matches_expected_file(fmt, name, result):
     assert render(result, fmt) == (EXPECTED / f"{name}.{fmt}").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("result", [SAMPLE, EMPTY])
+# Line limits: CJK wraps between characters, English between words, punctuation never starts a line,
+# a word longer than the width stays whole, a segment past max_line_count lines becomes several cues
+# (each with the label) sharing its time by characters; rttm names the file by the source's stem.
+WRAP = Result(text="", segments=[
+    Segment(0.0, 6.0, "今天我们讨论一下语音识别的最新进展，以及它在会议记录中的应用。", "Speaker1"),
+    Segment(6.5, 10.0, "Then we switch to English, with a rather extraordinarily long word.", "Speaker2"),
+    Segment(10.0, 11.0, "短句。", None),
+], speakers=["Speaker1", "Speaker2"], duration=11.0, processing_time=1, rtf=0.1, device="cpu", models={},
+    source="wrap test.wav")
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt", "rttm"])
+def test_line_limits_match_expected_file(fmt):
+    assert render(WRAP, fmt, SubtitleLayout(16, 2)) == (EXPECTED / f"wrapped.{fmt}").read_text(encoding="utf-8")
+
+
+def test_no_limits_render_as_before_and_width_alone_keeps_one_cue():
+    assert render(SAMPLE, "srt", SubtitleLayout()) == render(SAMPLE, "srt")
+    [cue] = cue_lines(WRAP.segments[0], SubtitleLayout(max_line_width=20))
+    assert len(cue) == 3 and all(len(line) <= 20 for line in cue) and not cue[1].startswith("，")
+    assert "".join(cue).replace("[Speaker1] ", "") == WRAP.segments[0].text
+
+
+WORDED = Result(text="你好", segments=[Segment(0.0, 1.0, "你好。", "Speaker1", (Word("你", 0.0, 0.4),
+                                                                                 Word("好", 0.4, 0.9)))],
+                speakers=["Speaker1"], duration=1.0, processing_time=0.1, rtf=0.1, device="cpu", models={},
+                fallback={"reason": "out_of_memory", "message": "m", "from": "cuda:0", "to": "cpu",
+                          "batch_size_s": 300}, cached=True)
+
+
+@pytest.mark.parametrize("result", [SAMPLE, EMPTY, WORDED])
 def test_json_round_trips(result):
     assert Result.from_json(render(result, "json")) == result
 

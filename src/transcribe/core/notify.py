@@ -1,5 +1,9 @@
 """Webhooks: POST a JSON event when a job is done or failed, or a worker fell back to another device.
 
+Events: ``job.done``, ``job.failed``, ``device.fallback`` (a worker booted on another device than
+configured) and ``job.fallback`` (one job left its device at run time: out of memory or an operator
+the backend lacks; sent by the job runner with the Result's ``fallback`` record and ``device``).
+
 Sending happens on a background thread from a bounded queue, so a slow or dead endpoint never
 holds a worker for longer than enqueueing takes. Each event is tried 1 + `notify.retries` times
 with `notify.timeout_s` per try and a short backoff; failures are logged, never raised, never

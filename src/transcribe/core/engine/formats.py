@@ -104,11 +104,12 @@ def cue_lines(seg: Segment, layout: SubtitleLayout) -> list[list[str]]:
 
 
 def _cues(seg: Segment, layout: SubtitleLayout | None) -> list[tuple[float, float, str]]:
-    """(start, end, text) per cue; a segment split in several cues shares its time by characters."""
+    """(start, end, text) per cue; a segment split in several cues shares its time by its characters."""
     if layout is None or not layout.limited:
         return [(seg.start, seg.end, _labelled(seg))]
     cues = cue_lines(seg, layout)
-    sizes = [sum(len(line) for line in cue) for cue in cues]
+    label = len(f"[{seg.speaker}] ") if seg.speaker else 0  # the label repeats per cue: not speech
+    sizes = [sum(len(line) for line in cue) - label for cue in cues]
     total, done, out = sum(sizes) or 1, 0, []
     for cue, size in zip(cues, sizes):
         start = seg.start + (seg.end - seg.start) * done / total
