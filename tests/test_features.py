@@ -391,3 +391,18 @@ def test_the_cache_evicts_least_recently_used_entries(tmp_path):
         os.utime(cache._path(key), (1000 + i, 1000 + i))
     cache.put("dd" + "0" * 62, r)
     assert cache.get("aa" + "0" * 62) is None and cache.get("dd" + "0" * 62).cached
+
+
+def test_jobs_use_the_cache_unless_their_sidecar_says_no(cached_engine, tmp_path):
+    cfg = cached_engine.config.model_copy(update={"pool": cached_engine.config.pool.model_copy(
+        update={"task_dir": str(tmp_path / "tasks"), "settle_seconds": 0.0})})
+    audio = tmp_path / "job.wav"
+    audio.write_bytes(shared_audio(SHORT).read_bytes()[:-9600])  # bytes of its own: a cold cache
+    outcomes = []
+    for sidecar in (None, {"cache": False}, None):
+        td, job = settled_job(cfg, audio, sidecar)
+        outcome, result = run_job(td, job, cached_engine.transcribe, cfg, "w1")
+        outcomes.append((outcome, result.cached))
+        done = json.loads((td.done / f"{job.job_id}.json").read_text())
+        assert done["cached"] is result.cached
+    assert outcomes == [("done", False), ("done", False), ("done", True)]

@@ -53,7 +53,7 @@ def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, options: Job
             row: dict = {"file": str(path)}
             try:
                 result = transcriber.transcribe(path, **options.engine_kwargs(cfg))
-                if result.fallback:
+                if result.fallback and not result.cached:
                     console.print(f"[yellow]fell back[/yellow] {path}: {result.fallback['reason']} on "
                                   f"{result.fallback['from']}, ran on {result.device}")
                 written = []

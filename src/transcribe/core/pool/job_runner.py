@@ -59,7 +59,7 @@ def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Confi
         options = prepare_job(td, job)
         result = transcribe(job.audio_path, **options.engine_kwargs(cfg), extension=job.extension,
                             source_name=job.record.original_name)
-        if result.fallback and notifier:
+        if result.fallback and not result.cached and notifier:
             notifier.send("job.fallback", job_id=job.job_id, source=job.record.original_name, device=result.device,
                           **result.fallback)
         path = finish_job(td, job, result, options, cfg, notifier)
