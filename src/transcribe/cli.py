@@ -67,6 +67,11 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="neither read nor write the result cache for these files (with cache.enabled)")
 
 
+# `_add_job_options` flags whose argparse dest is the JobOptions field of the same name.
+JOB_FLAG_FIELDS = ("speakers", "min_speakers", "max_speakers", "diarize", "hotwords", "batch_size_s",
+                   "word_timestamps", "max_line_width", "max_line_count", "cache")
+
+
 def _job_options(args: argparse.Namespace, **extra: Any) -> Any:
     """The `JobOptions` of `run`/`submit` flags, validated as a sidecar is; a bad combination is a usage error."""
     from pydantic import ValidationError
@@ -74,11 +79,7 @@ def _job_options(args: argparse.Namespace, **extra: Any) -> Any:
     from transcribe.core.pool.jobs import JobOptions, option_errors
 
     try:
-        return JobOptions(speakers=args.speakers, min_speakers=args.min_speakers, max_speakers=args.max_speakers,
-                          diarize=args.diarize, hotwords=args.hotwords, formats=args.format,
-                          batch_size_s=args.batch_size_s, word_timestamps=args.word_timestamps,
-                          max_line_width=args.max_line_width, max_line_count=args.max_line_count,
-                          cache=args.cache, **extra)
+        return JobOptions(formats=args.format, **{name: getattr(args, name) for name in JOB_FLAG_FIELDS}, **extra)
     except ValidationError as e:
         flags = option_errors(e).replace("_", "-")
         raise ConfigError(f"invalid options: {flags}") from None
