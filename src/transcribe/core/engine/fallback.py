@@ -32,7 +32,7 @@ def device_failure_reason(exc: BaseException) -> str | None:
         return OUT_OF_MEMORY
     if isinstance(exc, NotImplementedError):
         return UNSUPPORTED_OPERATOR
-    if isinstance(exc, (RuntimeError, MemoryError)):
+    if isinstance(exc, (RuntimeError, MemoryError, IndexError)):  # MPS reports index_select failures either way
         text = str(exc).lower()
         if isinstance(exc, MemoryError) or any(m in text for m in _OOM_MESSAGES):
             return OUT_OF_MEMORY
