@@ -24,6 +24,7 @@ def test_help_shows_the_job_flags(command):
     (["--min-speakers", "4", "--max-speakers", "2"], "more than max-speakers"),
     (["--no-diarize", "--max-speakers", "2"], "need diarization"),
     (["--max-line-width", "0"], "max-line-width"),
+    (["--batch-size", "0"], "batch-size: Input should be greater than or equal to 1"),
 ])
 def test_bad_flag_combinations_are_usage_errors_before_any_model_load(tmp_path, flags, message):
     # The config names a model that does not exist: reaching a model load would report that instead.

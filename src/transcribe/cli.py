@@ -81,8 +81,8 @@ def _job_options(args: argparse.Namespace, **extra: Any) -> Any:
     try:
         return JobOptions(formats=args.format, **{name: getattr(args, name) for name in JOB_FLAG_FIELDS}, **extra)
     except ValidationError as e:
-        flags = option_errors(e).replace("_", "-")
-        raise ConfigError(f"invalid options: {flags}") from None
+        message = option_errors(e).replace("batch_size_s", "batch-size").replace("_", "-")
+        raise ConfigError(f"invalid options: {message}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
