@@ -14,8 +14,17 @@ from tests.conftest import model_config, shared_audio
 from tests.test_parity import expected_segments
 from transcribe.config import config_from_dict
 from transcribe.core.engine.device_manager import DeviceChoice
-from transcribe.core.engine.fallback import OUT_OF_MEMORY, UNSUPPORTED_OPERATOR, device_failure_reason, retry_plan
-from transcribe.core.engine.funasr_transcriber import AsyncTranscriber, Transcriber, build_generate_kwargs
+from transcribe.core.engine.fallback import (
+    OUT_OF_MEMORY,
+    UNSUPPORTED_OPERATOR,
+    device_failure_reason,
+    retry_plan,
+)
+from transcribe.core.engine.funasr_transcriber import (
+    AsyncTranscriber,
+    Transcriber,
+    build_generate_kwargs,
+)
 from transcribe.core.engine.patches.cluster_bounds import BoundedClustering
 from transcribe.core.engine.result import Result, speaker_label_map, words_from_sentence
 from transcribe.core.engine.result_cache import ResultCache, model_identity
@@ -95,7 +104,8 @@ def clusters(n_per, centres, seed=0):
 
 
 def partition(labels):
-    return list(speaker_label_map(labels)[x] for x in labels)
+    names = speaker_label_map(labels)
+    return [names[x] for x in labels]
 
 
 def test_bounded_clustering_on_three_clear_speakers():
@@ -164,6 +174,8 @@ def test_from_config_takes_a_path_a_dict_or_a_config(tiny_models, tmp_path, monk
     for source in (tmp_path / "c.json", str(tmp_path / "c.json"), data, config_from_dict(data, tmp_path)):
         t = Transcriber.from_config(source)
         assert t.models["asr"] == str(tiny_models["asr"])
+    without_fast_cif = Transcriber.from_config(model_config(tiny_models, fast_cif=False))
+    assert without_fast_cif.clustering is not None and not any("fast_cif" in p for p in without_fast_cif.patches)
     from transcribe.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not found"):

@@ -37,7 +37,11 @@ from transcribe.config import Config, as_config
 from transcribe.core.engine import model_store
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
 from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager
-from transcribe.core.engine.fallback import device_failure_reason, release_device_memory, retry_plan
+from transcribe.core.engine.fallback import (
+    device_failure_reason,
+    release_device_memory,
+    retry_plan,
+)
 from transcribe.core.engine.options import TranscribeOptions, option_problems
 from transcribe.core.engine.patches import (
     after_job,
@@ -141,8 +145,6 @@ class Transcriber:
         self.device = device or DeviceManager.select_device(config.funasr)
         self.patches = apply_patches(self.device.device)
         if config.funasr.fast_cif:
-            from importlib.metadata import version
-
             from transcribe.core.engine import fast_cif
 
             self.patches += [f"fast_cif.{name}" for name in fast_cif.install(version("funasr"))]
