@@ -367,6 +367,7 @@ class Transcriber:
 
     def _run_on(self, engine: "Transcriber", samples: np.ndarray, options: TranscribeOptions,
                 batch_size_s: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        crash_point("model")  # test hook: TRANSCRIBE_OOM_AT=model fails an attempt as a full GPU would
         return engine.generate(samples, diarize=options.diarize, speaker_bounds=options.speaker_bounds,
                                **self._generate_kwargs(options, batch_size_s))
 
