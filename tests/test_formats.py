@@ -53,6 +53,21 @@ def test_no_limits_render_as_before_and_width_alone_keeps_one_cue():
     assert "".join(cue).replace("[Speaker1] ", "") == WRAP.segments[0].text
 
 
+def test_split_cues_take_their_times_from_word_timestamps():
+    words = tuple(Word(ch, a, b) for ch, a, b in [("你", 0.0, 0.5), ("好", 0.5, 1.0), ("世", 1.0, 1.5), ("界", 1.5, 2.0),
+                                                  ("再", 2.6, 3.0), ("见", 3.0, 3.2), ("朋", 3.2, 3.5),
+                                                  ("友", 3.5, 3.9)])
+    seg = Segment(0.0, 4.0, "你好世界。再见朋友。", "Speaker1", words)
+    r = Result("", [seg], ["Speaker1"], 4.0, 0.1, 0.1, "cpu", {})
+    assert render(r, "srt", SubtitleLayout(max_line_width=16, max_line_count=1)) == (
+        "1\n00:00:00,000 --> 00:00:02,000\n[Speaker1] 你好世界。\n\n"
+        "2\n00:00:02,600 --> 00:00:04,000\n[Speaker1] 再见朋友。\n")
+    # words that do not spell the text (another tokenisation): times shared by characters instead
+    odd = Segment(0.0, 4.0, seg.text, "Speaker1", words[:3])
+    r.segments = [odd]
+    assert "00:00:02,000 --> 00:00:04,000" in render(r, "srt", SubtitleLayout(max_line_width=16, max_line_count=1))
+
+
 WORDED = Result(text="你好", segments=[Segment(0.0, 1.0, "你好。", "Speaker1", (Word("你", 0.0, 0.4),
                                                                                  Word("好", 0.4, 0.9)))],
                 speakers=["Speaker1"], duration=1.0, processing_time=0.1, rtf=0.1, device="cpu", models={},

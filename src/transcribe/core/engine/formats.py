@@ -5,9 +5,10 @@
   Hours are not capped at 99 minutes: 2 h 5 min is ``02:05:00,000``.
   `SubtitleLayout` limits a cue's lines: ``max_line_width`` characters per line (wrapped between
   words, or between any two CJK characters, which have no spaces; punctuation never starts a
-  line; a word longer than the width stays whole), ``max_line_count`` lines per cue (a longer
-  segment becomes several cues, its time shared in proportion to their characters, each cue
-  starting with the speaker label).
+  line; a word longer than the width stays whole; the speaker label counts toward the width),
+  ``max_line_count`` lines per cue (a longer segment becomes several cues, each starting with the
+  speaker label, timed by the segment's word timestamps when it has them, else by sharing its time
+  in proportion to their spoken characters).
 - tsv: ``start<TAB>end<TAB>speaker<TAB>text`` in integer milliseconds, like WhisperX.
 - rttm: NIST RTTM for diarization tools, one ``SPEAKER <file> 1 <start> <dur> <NA> <NA> <speaker>
   <NA> <NA>`` line per segment with a speaker (seconds, 3 decimals; <file> is the source's stem,
@@ -103,19 +104,40 @@ def cue_lines(seg: Segment, layout: SubtitleLayout) -> list[list[str]]:
     return [c for c in cues if c]
 
 
+def _spoken(text: str) -> str:
+    """The characters that are speech: no spaces, no punctuation (brackets of a label included)."""
+    return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith("P"))
+
+
+def _char_times(seg: Segment) -> list[tuple[float, float]] | None:
+    """For each spoken character of the segment, the times of the word it is in; None unless the
+    segment has words that spell exactly its spoken characters."""
+    if not seg.words:
+        return None
+    times = [(w.start, w.end) for w in seg.words for _ in _spoken(w.text)]
+    return times if len(times) == len(_spoken(seg.text)) else None
+
+
 def _cues(seg: Segment, layout: SubtitleLayout | None) -> list[tuple[float, float, str]]:
-    """(start, end, text) per cue; a segment split in several cues shares its time by its characters."""
+    """(start, end, text) per cue. A segment split in several cues takes each cue's time from its
+    words' timestamps when it has them (``word_timestamps``), else shares its time in proportion to
+    the cues' spoken characters."""
     if layout is None or not layout.limited:
         return [(seg.start, seg.end, _labelled(seg))]
     cues = cue_lines(seg, layout)
-    label = len(f"[{seg.speaker}] ") if seg.speaker else 0  # the label repeats per cue: not speech
-    sizes = [sum(len(line) for line in cue) - label for cue in cues]
-    total, done, out = sum(sizes) or 1, 0, []
-    for cue, size in zip(cues, sizes):
-        start = seg.start + (seg.end - seg.start) * done / total
+    label = len(_spoken(seg.speaker)) if seg.speaker else 0  # the label repeats per cue: not speech
+    sizes = [len(_spoken("".join(cue))) - label for cue in cues]
+    total, clock = sum(sizes), _char_times(seg)
+    out, done = [], 0
+    for i, (cue, size) in enumerate(zip(cues, sizes)):
+        first, last = i == 0, i == len(cues) - 1
+        if clock is not None and size:
+            start, end = clock[done][0], clock[done + size - 1][1]
+        else:
+            start = seg.start + (seg.end - seg.start) * done / (total or 1)
+            end = seg.start + (seg.end - seg.start) * (done + size) / (total or 1)
         done += size
-        end = seg.end if done >= total else seg.start + (seg.end - seg.start) * done / total
-        out.append((round(start, 3), round(end, 3), "\n".join(cue)))
+        out.append((seg.start if first else round(start, 3), seg.end if last else round(end, 3), "\n".join(cue)))
     return out
 
 
