@@ -32,6 +32,13 @@ class _InterceptHandler(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, "[{}] {}", record.name, record.getMessage())
 
 
+def file_logging_configured(cfg: Config) -> bool:
+    """Whether the configuration names `logging.dir` itself (file, environment or override) rather than
+    leaving the default: one-shot commands such as `run` write a log file only then, so they never
+    create ``logs/`` in whatever folder they are run from."""
+    return "dir" in cfg.logging.model_fields_set
+
+
 def setup_logging(cfg: Config | None, name: str, *, stderr_level: str | None = None, to_file: bool = True) -> Path | None:
     """Configure loguru for this process; returns the log file path (None when not writing one)."""
     logger.remove()
