@@ -27,6 +27,7 @@ from transcribe.core.errors import ModelLoadError, ModelUnavailableError
 MODEL_ROLES = {"model": "asr", "vad_model": "vad", "punc_model": "punc", "spk_model": "spk"}
 HUB_NAMES = {"ms": "ModelScope", "hf": "Hugging Face"}
 HUB_HOSTS = {"ms": "www.modelscope.cn", "hf": "huggingface.co"}
+CMVN_FRONTENDS = ("WavFrontend", "WavFrontendOnline")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def missing_model_files(model_dir: Path) -> list[str]:
 
     Mirrors FunASR 1.4's ``download_from_ms``: a ``configuration.json`` with ``file_path_metas`` names
     every file (weights, config, tokens, CMVN); otherwise ``config.yaml`` with ``model.pt`` beside it,
-    plus the token list when the config has a tokenizer and ``am.mvn`` when its frontend uses CMVN.
+    plus the token list when the config has a tokenizer and ``am.mvn`` for the fbank frontends.
     Without this check FunASR fails late with ``init_param does not exist`` naming no model, or (with
     configuration.json) builds the model with random weights after printing an error.
     """
@@ -158,7 +159,9 @@ def missing_model_files(model_dir: Path) -> list[str]:
     if conf.get("tokenizer") and not given("tokenizer_conf", "token_list") and not any(
             (model_dir / name).is_file() for name in ("tokens.json", "tokens.txt", "bpe.model")):
         missing.append("tokens.json (or tokens.txt)")
-    if (conf.get("frontend_conf") or {}).get("cmvn_file") and not given("frontend_conf", "cmvn_file") \
+    # FunASR's fbank frontends run without CMVN when am.mvn is absent: no error, only wrong text. Every
+    # published model that uses them ships am.mvn, so its absence is a copy that lost a file.
+    if conf.get("frontend") in CMVN_FRONTENDS and not given("frontend_conf", "cmvn_file") \
             and not (model_dir / "am.mvn").is_file():
         missing.append("am.mvn")
     return missing
