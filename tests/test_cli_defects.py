@@ -149,7 +149,7 @@ def test_only_seaco_paraformer_accepts_hotwords(transcriber, tiny_models, tmp_pa
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_speakers_is_range_checked_by_the_flag(command, value, words, capsys):
     err = parse_error(capsys, command, "--speakers", value, "f.wav")
-    assert f"argument --speakers: " in err and words in err
+    assert "argument --speakers: " in err and words in err
     assert "pydantic" not in err and "validation error" not in err.lower()
 
 
@@ -164,7 +164,6 @@ def test_sidecar_speakers_zero_and_misspelt_key_say_what_to_do():
 
 def test_speakers_without_a_speaker_model_is_an_error_before_loading(tmp_path, tiny_models):
     cfg = write_config(tmp_path / "c.json", model_config(tiny_models, spk_model=None))
-    started = time.time()
     out = cli_run("run", "--config", cfg, "--speakers", "2", shared_audio("tts_1speaker_5s.wav"), "-o", tmp_path)
     assert out.returncode == 2 and "--speakers needs a speaker model" in out.stderr
     assert "Traceback" not in out.stderr and not list(tmp_path.glob("*.txt"))
@@ -373,12 +372,12 @@ def test_lock_mode_doc_example_runs_on_silence(tiny_models, tmp_path):
     import soundfile as sf
 
     text = (REPO / "docs" / "lock-mode.md").read_text()
-    example = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    example = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
     assert "segments[0]" not in example
     silence = shared_audio("silence_5s.wav")
     data, rate = sf.read(silence)
     sf.write(tmp_path / "call.flac", data, rate)
-    cfg = write_config(tmp_path / "config.json", model_config(tiny_models))
+    write_config(tmp_path / "config.json", model_config(tiny_models))
     shutil.copy(silence, tmp_path / "meeting.wav")
     (tmp_path / "example.py").write_text(example)
     out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=180,

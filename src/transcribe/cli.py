@@ -47,6 +47,57 @@ docs: docs/quickstart.md, docs/configuration.md
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
+COMMAND_HELP: dict[str, tuple[str, str]] = {
+    # command: (one line for `transcribe --help`, the description for `transcribe COMMAND --help`)
+    "run": ("transcribe files now, in this process (model loaded once)",
+            ("Transcribe FILEs in this process and write one output per format, named after each\n"
+             "input (call.wav -> call.json). Inputs that share a name get distinct outputs\n"
+             "(real.mp3 -> real.mp3.json, d1/call.wav -> d1_call.wav.json). Every input is checked\n"
+             "before the models load; other files go on when one fails; exit 1 if any failed.\n"
+             "A log file is written only when logging.dir is set in the configuration.")),
+    "serve": ("serve a task directory: drop audio into inbox/, get results in done/",
+              ("Serve the task directory until SIGTERM/SIGINT (running jobs finish within\n"
+               "pool.shutdown_timeout). SIGHUP reloads the config and replaces workers one by one\n"
+               "(docs/operations.md says which keys a reload applies). See docs/task-directory.md.")),
+    "submit": ("queue files into the task directory (safely, via tmp/)",
+               ("Copy FILEs into the task directory as complete jobs: each is staged in tmp/ and\n"
+                "renamed into inbox/, so a server never sees half a file. Every FILE is checked\n"
+                "before any is queued. Prints each job id; with --wait, waits and prints the result\n"
+                "path or the failure reason (exit 1 if any failed). If no server serves the task\n"
+                "directory, --wait says so and keeps waiting (a server started later picks the\n"
+                "jobs up); --timeout bounds the wait.")),
+    "status": ("queue counts and workers (works while the server is down)",
+               ("Show whether a server (pool or lock mode) serves the task directory, the jobs\n"
+                "per folder (inbox, processing, done, failed), the oldest waiting job, and each\n"
+                "running worker: pid, device, state, current job with its elapsed time and stage,\n"
+                "jobs it finished into done/ and failed/, mean RTF, memory. Read from the task\n"
+                "directory alone. Exit 2 if the task directory does not exist.")),
+    "retry": ("move failed jobs back to the inbox, attempts reset",
+              ("Move failed jobs (by JOB id, the folder name under failed/, or --all) back to\n"
+               "inbox/ with their attempts reset; the previous error.json is kept in the job folder\n"
+               "as .error-<UTC time>.json (e.g. .error-2026-11-25T20-48-12.123Z.json).")),
+    "models": ("list or download the configured models",
+               ("list: where each configured model resolves (local directory, hub cache, or needs\n"
+                "a download), without network. download: fill the hub cache (ModelScope, or\n"
+                "Hugging Face with funasr.hub=hf) for every configured alias; re-running resumes.\n"
+                "Copy the cache to offline machines.")),
+    "list": ("where each configured model resolves (no network)",
+             "Print each configured model's role, source (local, cached, remote) and folder or hub id."),
+    "download": ("fill the local cache for the configured models (resumable)",
+                 "Download every configured hub model into the local cache; local folders are skipped."),
+    "doctor": ("check versions, devices, models, ffmpeg and folders",
+               ("Check what `serve` needs: torch and funasr versions; CUDA devices (name, memory),\n"
+                "MPS, CPU threads; the device and dtype the config selects and why; the patches\n"
+                "that would apply; whether each configured model resolves locally with every file\n"
+                "FunASR needs (config, weights, tokens, CMVN) or its hub is reachable; ffmpeg;\n"
+                "whether the task and log dirs can be written (nothing is created). Exit 1 on any\n"
+                "problem that would stop serve.")),
+    "devices": ("the devices found and the one the config selects, with why",
+                ("Print, as JSON, the devices torch can use (cuda:N, mps, cpu), the device and dtype\n"
+                 "that funasr.device / device_priority / fallback_on_error / dtype select with the\n"
+                 "reason, and the selected device's name, memory and library versions.")),
+}
+
 
 def _flag(check: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse `type` from a checker that raises ValueError: argparse then blames the flag itself."""
@@ -139,7 +190,8 @@ def _add_task_dir(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--task-dir", metavar="DIR", help=f"the task directory {what} (default: pool.task_dir)")
 
 
-def _add_command(sub: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+def _add_command(sub: Any, name: str) -> argparse.ArgumentParser:
+    summary, description = COMMAND_HELP[name]
     return sub.add_parser(name, help=summary, description=description, parents=[_common_options(argparse.SUPPRESS)],
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -152,12 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    run = _add_command(sub, "run", "transcribe files now, in this process (model loaded once)",
-                       "Transcribe FILEs in this process and write one output per format, named after each\n"
-                       "input (call.wav -> call.json). Inputs that share a name get distinct outputs\n"
-                       "(real.mp3 -> real.mp3.json, d1/call.wav -> d1_call.wav.json). Every input is checked\n"
-                       "before the models load; other files go on when one fails; exit 1 if any failed.\n"
-                       "A log file is written only when logging.dir is set in the configuration.")
+    run = _add_command(sub, "run")
     run.add_argument("files", nargs="+", metavar="FILE", type=Path, help="audio or video files")
     run.add_argument("-o", "--output-dir", type=Path, default=Path("."), metavar="DIR",
                      help="where outputs go (default: the current folder)")
@@ -167,23 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress display and no summary table")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
-    serve = _add_command(sub, "serve", "serve a task directory: drop audio into inbox/, get results in done/",
-                         "Serve the task directory until SIGTERM/SIGINT (running jobs finish within\n"
-                         "pool.shutdown_timeout). SIGHUP reloads the config and replaces workers one by one\n"
-                         "(docs/operations.md says which keys a reload applies). See docs/task-directory.md.")
+    serve = _add_command(sub, "serve")
     serve.add_argument("--mode", choices=["pool", "lock"], default="pool",
                        help="pool: N worker processes (default); lock: one in-process model, jobs one at a time")
     serve.add_argument("--workers", type=_flag(parse_workers), metavar="N|auto",
                        help="worker processes (pool mode): a whole number from 1, or auto (default: pool.workers)")
     _add_task_dir(serve, "to serve; created if missing")
 
-    submit = _add_command(sub, "submit", "queue files into the task directory (safely, via tmp/)",
-                          "Copy FILEs into the task directory as complete jobs: each is staged in tmp/ and\n"
-                          "renamed into inbox/, so a server never sees half a file. Every FILE is checked\n"
-                          "before any is queued. Prints each job id; with --wait, waits and prints the result\n"
-                          "path or the failure reason (exit 1 if any failed). If no server serves the task\n"
-                          "directory, --wait says so and keeps waiting (a server started later picks the\n"
-                          "jobs up); --timeout bounds the wait.")
+    submit = _add_command(sub, "submit")
     submit.add_argument("files", nargs="+", metavar="FILE", type=Path, help="audio or video files")
     _add_job_options(submit)
     submit.add_argument("--priority", type=_flag(_int_in(-100, 100, "use -100 to 100")), default=0, metavar="P",
@@ -193,49 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=_flag(_positive_seconds), metavar="SECONDS",
                         help="with --wait: give up after this many seconds (exit 1; the jobs stay queued)")
 
-    status = _add_command(sub, "status", "queue counts and workers (works while the server is down)",
-                          "Show whether a server (pool or lock mode) serves the task directory, the jobs\n"
-                          "per folder (inbox, processing, done, failed), the oldest waiting job, and each\n"
-                          "running worker: pid, device, state, current job with its elapsed time and stage,\n"
-                          "jobs it finished into done/ and failed/, mean RTF, memory. Read from the task\n"
-                          "directory alone. Exit 2 if the task directory does not exist.")
+    status = _add_command(sub, "status")
     _add_task_dir(status, "to inspect; must exist")
     status.add_argument("--all", action="store_true", help="also list workers that are no longer running")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
 
-    retry = _add_command(sub, "retry", "move failed jobs back to the inbox, attempts reset",
-                         "Move failed jobs (by JOB id, the folder name under failed/, or --all) back to\n"
-                         "inbox/ with their attempts reset; the previous error.json is kept in the job folder\n"
-                         "as .error-<UTC time>.json (e.g. .error-2026-11-25T20-48-12.123Z.json).")
+    retry = _add_command(sub, "retry")
     retry.add_argument("jobs", nargs="*", metavar="JOB", help="job ids (folder names under failed/)")
     retry.add_argument("--all", action="store_true", help="every job in failed/")
     _add_task_dir(retry, "holding the failed jobs; must exist")
 
-    models = _add_command(sub, "models", "list or download the configured models",
-                          "list: where each configured model resolves (local directory, hub cache, or needs\n"
-                          "a download), without network. download: fill the hub cache (ModelScope, or\n"
-                          "Hugging Face with funasr.hub=hf) for every configured alias; re-running resumes.\n"
-                          "Copy the cache to offline machines.")
+    models = _add_command(sub, "models")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")
     msub.required = True
-    _add_command(msub, "list", "where each configured model resolves (no network)",
-                 "Print each configured model's role, source (local, cached, remote) and folder or hub id.")
-    _add_command(msub, "download", "fill the local cache for the configured models (resumable)",
-                 "Download every configured hub model into the local cache; local folders are skipped.")
+    _add_command(msub, "list")
+    _add_command(msub, "download")
 
-    doctor = _add_command(sub, "doctor", "check versions, devices, models, ffmpeg and folders",
-                          "Check what `serve` needs: torch and funasr versions; CUDA devices (name, memory),\n"
-                          "MPS, CPU threads; the device and dtype the config selects and why; the patches\n"
-                          "that would apply; whether each configured model resolves locally with every file\n"
-                          "FunASR needs (config, weights, tokens, CMVN) or its hub is reachable; ffmpeg;\n"
-                          "whether the task and log dirs can be written (nothing is created). Exit 1 on any\n"
-                          "problem that would stop serve.")
+    doctor = _add_command(sub, "doctor")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    _add_command(sub, "devices", "the devices found and the one the config selects, with why",
-                 "Print, as JSON, the devices torch can use (cuda:N, mps, cpu), the device and dtype\n"
-                 "that funasr.device / device_priority / fallback_on_error / dtype select with the\n"
-                 "reason, and the selected device's name, memory and library versions.")
+    _add_command(sub, "devices")
     return p
 
 
@@ -307,9 +322,9 @@ def _existing_task_dir(cfg: Config) -> Any:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from transcribe.core.engine.audio import check_file
     from transcribe.core.pool.jobs import JobOptions
     from transcribe.core.pool.task_dir import TaskDir
+    from transcribe.core.run_files import check_input
 
     cfg = _load(args)
     try:
@@ -318,7 +333,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValidationError as e:
         raise ConfigError(f"invalid job options: {'; '.join(describe_validation_errors(e, JobOptions))}") from None
     for f in args.files:  # all of them before queuing any
-        check_file(f, cfg.input.allowed_extensions, cfg.input.max_file_mb)
+        check_input(f, cfg)
     if args.speakers and not cfg.funasr.spk_model:
         print("transcribe submit: warning: --speakers is ignored by a server without a speaker model, and "
               "funasr.spk_model is not set in this configuration", file=sys.stderr)

@@ -180,7 +180,7 @@ def parse_workers(value: Any) -> int | str:
         return "auto"
     try:
         n = int(value)
-        if isinstance(value, float) or isinstance(value, bool) or n < 1:
+        if isinstance(value, (float, bool)) or n < 1:
             raise ValueError
     except (TypeError, ValueError):
         raise ValueError(f"{value!r} is not a worker count: use a whole number from 1, or 'auto'") from None

@@ -146,7 +146,9 @@ def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Seq
     from transcribe.logging_setup import file_logging_configured, setup_logging
 
     console = console or Console(stderr=True, quiet=quiet)
-    setup_logging(cfg, "run", stderr_level="WARNING", to_file=file_logging_configured(cfg))
+    # Warnings and errors on stderr, beside the progress display; more only when asked (--log-level).
+    stderr_level = cfg.logging.level if "level" in cfg.logging.model_fields_set else "WARNING"
+    setup_logging(cfg, "run", stderr_level=stderr_level, to_file=file_logging_configured(cfg))
     files = list(dict.fromkeys(files))  # the same path twice is transcribed once
     stems = output_stems(files)
     rows: dict[Path, dict] = {}
