@@ -13,17 +13,14 @@ from pathlib import Path
 from loguru import logger
 
 from transcribe.config import Config
+from transcribe.core.engine.model_store import is_funasr_noise
 
 _FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7}</level> | {extra[proc]} | {message}"
 
 
-# FunASR warns this on every model it builds from a local dir; it says nothing a user can act on.
-_NOISE = ("trust_remote_code: False",)
-
-
 class _InterceptHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() in _NOISE:
+        if is_funasr_noise(record):
             return
         try:
             level: str | int = logger.level(record.levelname).name

@@ -60,6 +60,14 @@ def looks_like_path(name: str) -> bool:
 _FALSE_NOTICE_WORD = "ffmpeg"
 
 
+# FunASR warns this on every model it builds; it says nothing a user can act on.
+FUNASR_NOISE = ("trust_remote_code: False",)
+
+
+def is_funasr_noise(record: logging.LogRecord) -> bool:
+    return record.getMessage() in FUNASR_NOISE
+
+
 @contextlib.contextmanager
 def quiet_funasr() -> Iterator[None]:
     """Import or build FunASR with its prints off stdout and its INFO logging muted.
@@ -68,21 +76,25 @@ def quiet_funasr() -> Iterator[None]:
     INFO lines per build (``download models from model hub: ms`` even for a local folder, ckpt
     loading...). stdout belongs to commands such as ``run --json``; a Python API user did not ask
     for those lines. The root logger is raised to WARNING for the block (FunASR logs through it)
-    and put back after; the prints are logged at DEBUG, the false ffmpeg notice not at all.
+    and put back after; the prints are logged at TRACE, the false ffmpeg notice not at all.
     """
     buffer = io.StringIO()
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.WARNING))
+    drop_noise = logging.Filter()
+    drop_noise.filter = lambda record: not is_funasr_noise(record)  # type: ignore[method-assign]
+    root.addFilter(drop_noise)
     try:
         with contextlib.redirect_stdout(buffer):
             yield
     finally:
         root.setLevel(level)
+        root.removeFilter(drop_noise)
     said = [line.strip() for line in buffer.getvalue().splitlines()
             if line.strip() and _FALSE_NOTICE_WORD not in line]
     if said:
-        logger.debug("funasr said: {}", " ".join(said))
+        logger.trace("funasr said: {}", " ".join(said))
 
 
 def hub_repo_id(name: str, hub: str) -> str:
