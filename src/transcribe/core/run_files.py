@@ -149,7 +149,10 @@ def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Seq
     # Warnings and errors on stderr, beside the progress display; more only when asked (--log-level).
     stderr_level = cfg.logging.level if "level" in cfg.logging.model_fields_set else "WARNING"
     setup_logging(cfg, "run", stderr_level=stderr_level, to_file=file_logging_configured(cfg))
-    files = list(dict.fromkeys(files))  # the same path twice is transcribed once
+    unique: dict[Path, Path] = {}
+    for f in files:  # the same file named twice (even as d/../d/f.wav) is transcribed once
+        unique.setdefault(f.resolve(), f)
+    files = list(unique.values())
     stems = output_stems(files)
     rows: dict[Path, dict] = {}
     for path in files:

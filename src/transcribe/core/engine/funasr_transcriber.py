@@ -45,7 +45,8 @@ from transcribe.core.fault_injection import crash_point
 
 FAST_DIARIZATION_BATCH = 256  # CAM++ windows per forward call (1.5 s each: ~150 frames x 80 mels)
 FAST_DIARIZATION_MODELS = ("CAMPPlus",)
-# The ASR classes whose FunASR `inference` reads the `hotword` argument; every other model ignores it.
+# The ASR classes whose FunASR 1.4 `inference` reads the `hotword` argument (grep of funasr/models);
+# every other model ignores it silently (FunASRNano reads a different key, `hotwords`).
 HOTWORD_MODELS = ("SeacoParaformer", "ContextualParaformer")
 
 
