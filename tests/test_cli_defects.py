@@ -386,3 +386,21 @@ def test_lock_mode_doc_example_runs_on_silence(tiny_models, tmp_path):
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "(no speech) []"
+
+
+def test_run_summary_is_readable_at_80_columns():
+    from rich.console import Console
+
+    from transcribe.core.run_files import _summary
+
+    rows = [{"file": "recordings/2026-11-23/podcast_2speakers_60s.wav", "ok": True, "duration": 60.0, "speakers": 2,
+             "rtf": 0.0512, "outputs": ["out/podcast_2speakers_60s.json", "out/podcast_2speakers_60s.srt"]},
+            {"file": "recordings/2026-11-23/broken_recording_from_the_field.wav", "ok": False,
+             "reason": "audio_undecodable", "error": "'broken_recording_from_the_field.wav' is not a readable audio "
+                                                     "file (Format not recognised)"}]
+    buf = StringIO()
+    Console(file=buf, width=80).print(_summary(rows))
+    text = buf.getvalue()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    flat = "".join(text.split()).replace("│", "")
+    assert "podcast_2speakers_60s.json" in flat and "audio_undecodable" in flat
