@@ -231,6 +231,13 @@ def test_config_errors_are_one_line_without_pydantic_internals(tmp_path, data, e
     assert "literal[" not in out.stderr and "Traceback" not in out.stderr and "pydantic" not in out.stderr
 
 
+def test_a_bad_environment_override_is_named_by_its_variable(tmp_path):
+    cfg = write_config(tmp_path / "config.json", {})
+    out = cli_run("status", "--config", cfg, env={"TRANSCRIBE__FUNASR__DEVICE": "gpu"}, timeout=60)
+    assert out.returncode == 2
+    assert "TRANSCRIBE__FUNASR__DEVICE: 'gpu' is not a device" in out.stderr and "funasr.device" not in out.stderr
+
+
 # ------------------------------------------------------------------ 7: task dir typos, submit --wait
 def test_status_and_retry_on_a_missing_task_dir_exit_2_and_create_nothing(tmp_path):
     out = cli_run("status", "--task-dir", tmp_path / "no" / "such", cwd=tmp_path, timeout=60)

@@ -247,18 +247,21 @@ _EXPECTED = {"int_parsing": "a whole number", "int_type": "a whole number", "int
              "dict_type": "an object", "none_required": "null"}
 
 
-def describe_validation_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One ``key: what is wrong`` per bad key, in words: no pydantic internals, union members merged."""
+def describe_validation_errors(err: ValidationError, model: type[BaseModel],
+                               names: Mapping[str, str] | None = None) -> list[str]:
+    """One ``key: what is wrong`` per bad key, in words: no pydantic internals, union members merged.
+    `names` renames a key by where its value came from (``{"funasr.device": "TRANSCRIBE__FUNASR__DEVICE"}``)."""
     by_key: dict[str, list[dict[str, Any]]] = {}
     for e in err.errors():
         by_key.setdefault(_field_path(model, e["loc"]), []).append(e)
     out = []
     for key, errors in by_key.items():
+        shown = (names or {}).get(key.split("[")[0], key)
         if any(e["type"] == "extra_forbidden" for e in errors):
             known = sorted(getattr(_model_at(model, key.rsplit(".", 1)[0] if "." in key else ""), "model_fields", {}))
             guess = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
             hint = f"did you mean {guess[0]!r}?" if guess else "check the spelling"
-            out.append(f"{key}: unknown key ({hint})")
+            out.append(f"{shown}: unknown key ({hint})")
             continue
         if len(errors) > 1 or errors[0]["type"] in _EXPECTED or errors[0]["type"] == "literal_error":
             wanted = []
@@ -266,9 +269,9 @@ def describe_validation_errors(err: ValidationError, model: type[BaseModel]) -> 
                 w = e.get("ctx", {}).get("expected") if e["type"] == "literal_error" else _EXPECTED.get(e["type"])
                 wanted.append(w or _message(e))
             got = errors[0].get("input")
-            out.append(f"{key or 'value'}: {got!r} is not valid: expected {' or '.join(dict.fromkeys(wanted))}")
+            out.append(f"{shown or 'value'}: {got!r} is not valid: expected {' or '.join(dict.fromkeys(wanted))}")
         else:
-            out.append(f"{key or 'value'}: {_message(errors[0])}")
+            out.append(f"{shown or 'value'}: {_message(errors[0])}")
     return out
 
 
@@ -285,9 +288,9 @@ def _model_at(model: type[BaseModel], dotted: str) -> Any:
     return current
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, names: Mapping[str, str] | None = None) -> str:
     """One line, every problem named: ``invalid configuration in x.json: pool.workers: ...; funasr.device: ...``."""
-    return f"invalid configuration in {source}: " + "; ".join(describe_validation_errors(err, Config))
+    return f"invalid configuration in {source}: " + "; ".join(describe_validation_errors(err, Config, names))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -329,15 +332,19 @@ def load_config(
     """Load, override from the environment, then from `overrides` (CLI flags), and validate."""
     file = find_config_file(path)
     data: dict[str, Any] = _read_file(file) if file else {}
-    data = apply_env_overrides(data, os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    data = apply_env_overrides(data, env)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
     source = str(file) if file else "defaults"
+    # A bad value that came from the environment is named by its variable, not blamed on the file.
+    from_env = {".".join(k.lower() for k in name[len(ENV_PREFIX):].split("__") if k): name
+                for name in env if name.startswith(ENV_PREFIX)}
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, source, from_env)) from None
     cfg.base_dir = str(file.parent.resolve()) if file else str(Path.cwd())
     return cfg
 
