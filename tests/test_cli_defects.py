@@ -411,3 +411,28 @@ def test_run_summary_is_readable_at_80_columns():
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
     flat = "".join(text.split()).replace("│", "")
     assert "podcast_2speakers_60s.json" in flat and "audio_undecodable" in flat
+
+
+def test_names_with_brackets_are_shown_as_they_are(tmp_path):
+    """A file or job name such as "[draft].wav" is data, not rich markup (dropped, or a MarkupError)."""
+    from rich.console import Console
+
+    from transcribe.core.run_files import RunProgress, _summary
+
+    buf = StringIO()
+    console = Console(file=buf, width=80)
+    rows = [{"file": "[draft] [/].wav", "ok": False, "reason": "audio_undecodable", "error": "'[/]' is bad"}]
+    console.print(_summary(rows))
+    with RunProgress(console, 1, 1) as progress:
+        progress.start_file(1, Path("[draft].wav"))
+        progress.decoded(1, Path("[draft].wav"), 1.0)
+        progress.end_file(1, 1.0, 0.1)
+    text = buf.getvalue()
+    assert "[draft]" in text and "[/]" in text and "[1/1] [draft].wav: 1.0s of audio" in text
+    tasks = tmp_path / "tasks"
+    (tasks / "workers").mkdir(parents=True)
+    (tasks / "workers" / "w1.json").write_text(json.dumps({"worker_id": "[/]", "pid": os.getpid(), "state": "ready",
+                                                           "device": "[bold]cpu"}))
+    out = cli_run("status", "--task-dir", tasks, cwd=tmp_path, timeout=60)
+    flat = "".join(out.stdout.split())
+    assert out.returncode == 0 and "[/]" in flat and "[bold]cpu" in flat, out.stderr

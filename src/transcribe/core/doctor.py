@@ -119,6 +119,7 @@ def run_checks(cfg: Config, reachable: Callable[[str], bool] = model_store.hub_r
 def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     v = report["versions"]
@@ -129,7 +130,7 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_column("detail", overflow="fold")
     for c in report["checks"]:
         mark = "[green]ok[/green]" if c["ok"] else ("[red]FAIL[/red]" if c["fatal"] else "[yellow]warn[/yellow]")
-        table.add_row(c["name"], mark, c["detail"])
+        table.add_row(Text(c["name"]), mark, Text(c["detail"]))  # paths may hold "[...]": not markup
     console.print(table)
     console.print("[green]ready to serve[/green]" if report["ok"] else
                   f"[red]{len(report['problems'])} problem(s) would stop `serve`[/red]")

@@ -94,8 +94,10 @@ class RunProgress:
     def __init__(self, console: Console, total_files: int, total_bytes: int) -> None:
         self.console, self.total_files = console, total_files
         self.live = console.is_terminal and not console.quiet
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
-                                 EtaColumn(), TimeRemainingColumn(), console=console, disable=not self.live)
+        # markup=False everywhere a file name is shown: "[draft].wav" is a name, not a style
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False),
+                                 BarColumn(bar_width=20), EtaColumn(), TimeRemainingColumn(), console=console,
+                                 disable=not self.live)
         self.overall = self.progress.add_task(f"{total_files} file(s)", total=max(total_bytes, 1), stage="",
                                               estimate=None)
         self.file_task: Any = None
@@ -121,7 +123,7 @@ class RunProgress:
         self.progress.update(self.file_task, estimate=estimate)
         if not self.live and not self.console.quiet:
             eta = f", ETA ~{estimate:.0f}s at RTF {rtf:.3f}" if estimate is not None else ""
-            self.console.print(f"[{index}/{self.total_files}] {path.name}: {duration:.1f}s of audio{eta}")
+            self.console.print(f"[{index}/{self.total_files}] {path.name}: {duration:.1f}s of audio{eta}", markup=False)
 
     def stage(self, stage: str) -> None:
         task = self.progress.tasks[self.file_task] if self.file_task is not None else None
@@ -160,7 +162,7 @@ def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Seq
             check_input(path, cfg)
         except TranscribeError as e:
             rows[path] = {"file": str(path), "ok": False, "reason": e.reason, "error": e.message}
-            console.print(f"[red]failed[/red] {path}: {e.message}")
+            _print_failure(console, path, e.message)
     todo = [p for p in files if p not in rows]
     device = None
     if todo:
@@ -207,14 +209,18 @@ def _transcribe_all(cfg: Config, files: list[Path], stems: dict[Path, str], out_
                            outputs=written)
             except TranscribeError as e:
                 row.update(ok=False, reason=e.reason, error=e.message)
-                console.print(f"[red]failed[/red] {path}: {e.message}")
+                _print_failure(console, path, e.message)
             except OSError as e:
                 row.update(ok=False, reason="write_failed", error=str(e))
-                console.print(f"[red]failed[/red] {path}: cannot write outputs: {e}")
+                _print_failure(console, path, f"cannot write outputs: {e}")
             rows[path] = row
             progress.end_file(sizes[path], duration, time.perf_counter() - started)
         transcriber.on_progress = None
     return rows, transcriber.device.device
+
+
+def _print_failure(console: Console, path: Path, message: str) -> None:
+    console.print(Text.assemble(("failed", "red"), f" {path}: {message}"))
 
 
 def _summary(rows: list[dict]) -> Table:
@@ -227,8 +233,8 @@ def _summary(rows: list[dict]) -> Table:
     table.add_column("outputs / error", overflow="fold")
     for r in rows:
         if r["ok"]:
-            table.add_row(r["file"], f"{r['duration']:.1f}s", str(r["speakers"]), f"{r['rtf']:.3f}",
-                          ", ".join(Path(o).name for o in r["outputs"]))
+            table.add_row(Text(r["file"]), f"{r['duration']:.1f}s", str(r["speakers"]), f"{r['rtf']:.3f}",
+                          Text(", ".join(Path(o).name for o in r["outputs"])))
         else:
-            table.add_row(r["file"], "-", "-", "-", f"[red]{r['reason']}[/red]: {r['error']}")
+            table.add_row(Text(r["file"]), "-", "-", "-", Text.assemble((r["reason"], "red"), f": {r['error']}"))
     return table

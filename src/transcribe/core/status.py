@@ -91,28 +91,33 @@ def collect_status(cfg: Config, *, include_gone: bool = False) -> dict[str, Any]
 
 
 def print_status(info: dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     c, server = info["counts"], info["server"]
     up = (f"running ({server.get('mode', '?')} mode, pid {server.get('pid')})" if server.get("alive")
           else "not running")
-    console.print(f"task dir {info['task_dir']}", overflow="fold")
-    console.print(f"server {up}")
+    console.print(f"task dir {info['task_dir']}", overflow="fold", markup=False)
+    console.print(f"server {up}", markup=False)
     console.print(f"jobs: inbox {c['inbox']}  processing {c['processing']}  done {c['done']}  failed {c['failed']}"
                   + (f"  (oldest waiting {info['oldest_waiting_s']}s)" if info["oldest_waiting_s"] else ""))
     if info["workers"]:
         # Narrow headers and folding cells: readable at 80 columns (job ids fold instead of turning into "2026…").
-        table = Table(caption="done / failed: jobs this worker process finished into done/ or failed/ "
-                              "(requeued attempts not counted)", caption_justify="left")
-        for col in ("worker", "pid", "device", "state", "job", "elapsed", "done", "failed", "RTF", "RSS MB"):
-            table.add_column(col, overflow="fold")
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, caption_justify="left",
+                      caption="done/failed: jobs this worker process finished into done/ or failed/ "
+                              "(requeued attempts not counted)")
+        for col in ("worker", "device", "state", "job", "elapsed", "done/failed", "RTF", "RSS MB"):
+            table.add_column(col, overflow="fold", min_width=len(col) if col != "job" else 10)
         for w in info["workers"]:
             elapsed = f"{w['job_elapsed_s']}s {w['job_stage'] or ''}" if w["job_elapsed_s"] is not None else "-"
-            table.add_row(str(w["worker_id"]), str(w["pid"]), str(w["device"]), w["state"], w["job"] or "-",
-                          elapsed, str(w["jobs_done"]), str(w["jobs_failed"]), str(w["mean_rtf"] or "-"),
-                          str(w["rss_mb"] or "-"))
+            rtf = f"{w['mean_rtf']:.3f}" if isinstance(w["mean_rtf"], (int, float)) else "-"
+            rss = f"{w['rss_mb']:.0f}" if isinstance(w["rss_mb"], (int, float)) and w["rss_mb"] else "-"
+            cells = (f"{w['worker_id']} pid {w['pid']}", w["device"], w["state"], w["job"] or "-", elapsed,
+                     f"{w['jobs_done']}/{w['jobs_failed']}", rtf, rss)
+            table.add_row(*(Text(str(cell)) for cell in cells))  # data from files: never rich markup
         console.print(table)
     if info.get("workers_gone_hidden"):
         n = info["workers_gone_hidden"]
