@@ -436,3 +436,12 @@ def test_names_with_brackets_are_shown_as_they_are(tmp_path):
     out = cli_run("status", "--task-dir", tasks, cwd=tmp_path, timeout=60)
     flat = "".join(out.stdout.split())
     assert out.returncode == 0 and "[/]" in flat and "[bold]cpu" in flat, out.stderr
+
+
+def test_an_output_dir_or_task_dir_that_is_a_file_is_one_clear_line(tmp_path, config_file):
+    (tmp_path / "afile").write_text("x")
+    src = shared_audio("tts_1speaker_5s.wav")
+    out = cli_run("run", "--config", config_file, src, "-o", tmp_path / "afile", timeout=60)
+    assert out.returncode == 2 and "--output-dir" in out.stderr and "is not a folder" in out.stderr
+    out = cli_run("submit", src, "--task-dir", tmp_path / "afile" / "tasks", timeout=60)
+    assert out.returncode == 1 and "Not a directory" in out.stderr and "Traceback" not in out.stderr

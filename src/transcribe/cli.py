@@ -276,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     except TranscribeError as e:
         print(f"transcribe {args.command}: error: {e.message}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 3 if args.command == "serve" else 1
+    except OSError as e:  # a folder that cannot be created or read: one line, never a traceback
+        where = f" {e.filename}" if e.filename else ""
+        print(f"transcribe {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
+        return 3 if args.command == "serve" else 1
     except KeyboardInterrupt:
         print("transcribe: interrupted", file=sys.stderr)
         return 130

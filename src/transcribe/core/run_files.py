@@ -75,6 +75,18 @@ def check_input(path: Path, cfg: Config) -> None:
         raise AudioNotFoundError(f"cannot read {str(path)!r}: {e.strerror} (check its permissions)") from None
 
 
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create the output folder (before any model loads), or say why it cannot be used."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--output-dir {out_dir} exists and is not a folder") from None
+    except OSError as e:
+        raise ConfigError(f"--output-dir {out_dir} cannot be created: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out_dir} is not writable (check its permissions)")
+
+
 class EtaColumn(ProgressColumn):
     """A file's FunASR stage and time left, from its audio length and the RTF measured on earlier files."""
 
@@ -166,7 +178,7 @@ def run_files(cfg: Config, files: Sequence[Path], out_dir: Path, *, formats: Seq
     todo = [p for p in files if p not in rows]
     device = None
     if todo:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(out_dir)
         done, device = _transcribe_all(cfg, todo, stems, out_dir, formats, speakers, hotwords, console)
         rows.update(done)
     ordered = [rows[p] for p in files]
