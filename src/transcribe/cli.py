@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transcribe {args.command}: error: {e.message}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 3 if args.command == "serve" else 1
     except OSError as e:  # a folder that cannot be created or read: one line, never a traceback
+        from loguru import logger
+
+        logger.opt(exception=e).debug("{} failed", args.command)  # the traceback, with --log-level DEBUG
         where = f" {e.filename}" if e.filename else ""
         print(f"transcribe {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
         return 3 if args.command == "serve" else 1
