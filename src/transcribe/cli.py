@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ from transcribe import __version__
 from transcribe.config import (
     OUTPUT_FORMATS,
     Config,
+    check_bind,
     check_device,
     describe_validation_errors,
     load_config,
@@ -220,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=_flag(parse_workers), metavar="N|auto",
                        help="worker processes (pool mode): a whole number from 1, or auto (default: pool.workers)")
     _add_task_dir(serve, "to serve; created if missing")
+    serve.add_argument("--http", type=_flag(check_bind), metavar="HOST:PORT",
+                       help="also serve the OpenAI-compatible HTTP API (POST /v1/audio/transcriptions; "
+                            "docs/http.md) on HOST:PORT, or PORT on 127.0.0.1 (default: http.bind)")
 
     submit = _add_command(sub, "submit")
     submit.add_argument("files", nargs="+", metavar="FILE", type=Path, help="audio or video files")
@@ -303,16 +308,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from transcribe.logging_setup import setup_logging
 
-    cfg = _load(args, {"pool.workers": args.workers} if args.workers else {})
-    if args.mode == "lock":
-        setup_logging(cfg, "lock-server")
-        from transcribe.core.pool.lock_server import serve_lock
+    overrides: dict[str, Any] = {"pool.workers": args.workers} if args.workers else {}
+    if args.http:
+        overrides["http.bind"] = args.http
+    cfg = _load(args, overrides)
+    setup_logging(cfg, "lock-server" if args.mode == "lock" else "supervisor")
+    with _http_api(cfg):
+        if args.mode == "lock":
+            from transcribe.core.pool.lock_server import serve_lock
 
-        return asyncio.run(serve_lock(cfg))
-    setup_logging(cfg, "supervisor")
-    from transcribe.core.pool.supervisor import Supervisor
+            return asyncio.run(serve_lock(cfg))
+        from transcribe.core.pool.supervisor import Supervisor
 
-    return Supervisor(cfg, config_path=args.config).run()
+        return Supervisor(cfg, config_path=args.config).run()
+
+
+def _http_api(cfg: Config) -> contextlib.AbstractContextManager[Any]:
+    """The HTTP API in a thread beside the serve loop, when http.bind (or --http) is set."""
+    if not cfg.http.bind:
+        return contextlib.nullcontext()
+    from transcribe.http.server import HttpServer
+
+    return HttpServer(cfg)
 
 
 def _existing_task_dir(cfg: Config) -> Any:

@@ -150,6 +150,54 @@ class MetricsConfig(_Section):
     textfile: str | None = None
 
 
+class HttpConfig(_Section):
+    """The HTTP API (`http.*`, docs/http.md), served by `serve` when `bind` or `--http` is set."""
+
+    bind: str | None = None  # "HOST:PORT"; None: no HTTP unless `serve --http`
+    max_upload_mb: float = Field(default=1024, gt=0)
+    max_queue_depth: int = Field(default=1000, ge=1)  # jobs waiting or running; more get 503 + Retry-After
+    sync_timeout_s: float = Field(default=600.0, gt=0)  # POST /v1/audio/transcriptions waits this long
+    api_keys: list[str] = Field(default_factory=list)  # empty: no key needed
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        return check_bind(v)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        # TRANSCRIBE__HTTP__API_KEYS=key1,key2 arrives as one string
+        return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: list[str]) -> list[str]:
+        if any(len(k) < 16 for k in v):
+            raise ValueError("each API key must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return v
+
+
+def check_bind(text: str) -> str:
+    """An `http.bind` value (also the `--http` flag), normalised: ``8000`` -> ``127.0.0.1:8000``."""
+    host, port = parse_bind(text)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``PORT`` (127.0.0.1) -> (host, port); ValueError says the form."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") if host.startswith("[") else host
+    if not host or (":" in host and not text.startswith("[")) or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8000, [::1]:8000 or 8000)")
+    return host, int(port)
+
+
 class Config(_Section):
     funasr: FunasrConfig = Field(default_factory=FunasrConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
@@ -158,6 +206,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     # Where the file came from: relative paths in it (models, task_dir, logs) resolve against it.
     base_dir: str = Field(default=".", exclude=True)
 

@@ -24,9 +24,13 @@ _SAFE_STEM = re.compile(r"[^\w.-]+", re.UNICODE)
 def new_job_id(original_name: str) -> str:
     """Time-ordered and unique: ``20261123T190812123-1f3a9c2b-meeting`` (sortable, keeps the stem)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
-    stem = unicodedata.normalize("NFC", Path(original_name).stem)
-    stem = _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
-    return f"{stamp}-{uuid.uuid4().hex[:8]}-{stem}"
+    return f"{stamp}-{uuid.uuid4().hex[:8]}-{safe_stem(original_name)}"
+
+
+def safe_stem(original_name: str) -> str:
+    """A file name's stem reduced to letters, digits, ``_``, ``.`` and ``-`` (never a path): ``audio`` if empty."""
+    stem = unicodedata.normalize("NFC", Path(original_name.replace("\\", "/")).stem)
+    return _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
 
 
 MAX_SPEAKERS = 64
