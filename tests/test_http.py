@@ -284,6 +284,17 @@ def test_metrics(live):
     assert httpx.get(live.url + "/metrics", timeout=10).status_code == 401
 
 
+def test_lock_mode_serves_the_same_api(tiny_models, tmp_path, expected):
+    srv = LiveServer(http_config(tmp_path, tiny_models), mode="lock").start()
+    try:
+        resp, job_id = transcribe(srv.openai(), SHORT, "verbose_json", speakers=1)
+        assert same_words_and_times(stored_result(srv, job_id), expected(SHORT))
+        assert [s.text for s in resp.segments] == [s.text for s in expected(SHORT).segments]
+        assert httpx.get(srv.url + "/healthz", timeout=10).json()["workers"] == {"lock": "ready"}
+    finally:
+        assert srv.stop() == 0, srv.server.output()[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- crash
 def test_sigkill_mid_request_then_restart_completes_every_accepted_job(live):
     """Kill the serving process group (supervisor, worker, HTTP thread) while a job is being transcribed,
