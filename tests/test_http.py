@@ -235,6 +235,11 @@ BAD = {
     "wrong key": ("WAV", {}, "wrong-key-0123456789abcdef", 401, None, "invalid_api_key"),
     "no key": ("WAV", {}, None, 401, None, "invalid_api_key"),
     "oversize": ("BIG", {}, API_KEY, 413, "file", "file_too_large"),
+    # refused at the first bytes or by the key check while the client is still sending megabytes:
+    # it must read the error, not a reset connection (which clients retry by uploading again)
+    "large text named .wav": ({"file": ("big.wav", b"not audio, just text\n" * 120_000, "audio/wav")}, {},
+                              API_KEY, 400, "file", "audio_unrecognized"),
+    "wrong key, large upload": ("BIG_UNDER_LIMIT", {}, "wrong-key-0123456789abcdef", 401, None, "invalid_api_key"),
     "truncated wav (fails in the worker)": ("TRUNCATED", {}, API_KEY, 400, "file", "audio_undecodable"),
 }
 
@@ -249,6 +254,8 @@ def test_bad_request_gets_json_error_and_server_keeps_serving(live, tmp_path, ca
         big = tile_audio(shared_audio(SHORT), tmp_path / "big.wav", 18)
         assert big.stat().st_size > MAX_UPLOAD_MB * 2**20
         files = {"file": ("big.wav", big.read_bytes(), "audio/wav")}
+    elif files == "BIG_UNDER_LIMIT":
+        files = {"file": ("big.wav", tile_audio(shared_audio(SHORT), tmp_path / "b.wav", 12).read_bytes(), "audio/wav")}
     elif files == "TRUNCATED":
         files = {"file": ("cut.wav", b"RIFF\x24\x00\x00\x00WAVE" + b"no fmt chunk " * 20, "audio/wav")}
     inbox_before = set((live.task_dir / "inbox").iterdir())
@@ -290,7 +297,9 @@ def test_lock_mode_serves_the_same_api(tiny_models, tmp_path, expected):
         resp, job_id = transcribe(srv.openai(), SHORT, "verbose_json", speakers=1)
         assert same_words_and_times(stored_result(srv, job_id), expected(SHORT))
         assert [s.text for s in resp.segments] == [s.text for s in expected(SHORT).segments]
-        assert httpx.get(srv.url + "/healthz", timeout=10).json()["workers"] == {"lock": "ready"}
+        # the worker's status file says busy until the job's bookkeeping ends, just after the commit
+        wait_until(lambda: httpx.get(srv.url + "/healthz", timeout=10).json()["workers"] == {"lock": "ready"}, 30,
+                   "the lock worker to be ready again")
     finally:
         assert srv.stop() == 0, srv.server.output()[-3000:]
 
@@ -362,8 +371,8 @@ def test_sigkill_mid_request_then_restart_completes_every_accepted_job(live):
     live.start()
     with live.http() as client:
         for job_id in sorted(accepted):
-            wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in ("done", "failed"), JOB_WAIT,
-                       f"job {job_id}")
+            wait_until(lambda job_id=job_id: client.get(f"/v1/jobs/{job_id}").json()["status"] in ("done", "failed"),
+                       JOB_WAIT, f"job {job_id}")
             assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "done"
     done = {p.stem for p in (td / "done").glob("*.json")} - before
     assert done == accepted | finished_before_kill  # every accepted job once; the half upload never became one

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,15 +18,21 @@ from transcribe.core.status import collect_status
 from transcribe.http.errors import ApiError, install_error_handlers
 from transcribe.http.fields import RESPONSE_FORMATS, TranscriptionRequest, parse_fields
 from transcribe.http.metrics import HttpMetrics, RequestCounter
-from transcribe.http.results import check_job_id, job_state, links, result_response, wait_for_outcome
+from transcribe.http.results import (
+    check_job_id,
+    job_state,
+    links,
+    result_response,
+    wait_for_outcome,
+)
 from transcribe.http.upload import Accepted, UploadLimits, receive_job
 
 
-def require_key(api_keys: list[str]) -> Callable[[Request], None]:
+def require_key(api_keys: list[str]) -> Callable[[Request], Awaitable[None]]:
     """A dependency: `Authorization: Bearer KEY` must match one of `api_keys` (none configured: open)."""
     keys = [k.encode() for k in api_keys]
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -53,7 +60,7 @@ def create_app(cfg: Config) -> FastAPI:
     async def accept(request: Request) -> Accepted:
         """Admission control, then the upload into inbox/."""
         try:
-            waiting = td.counts()
+            waiting = await asyncio.to_thread(td.counts)  # a scan of the folders: off the event loop
             depth = waiting["inbox"] + waiting["processing"]
             if depth >= settings.max_queue_depth:
                 raise ApiError(503, f"the queue is full ({depth} jobs waiting or running, http.max_queue_depth="

@@ -10,11 +10,15 @@ does `TaskDir.staging` rename the job into inbox/; any error removes it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import IO, Any, Callable, TypeVar
 
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.multipart import (
+    MultipartParseError,
+    MultipartParser,
+    parse_options_header,
+)
 from starlette.requests import ClientDisconnect, Request
 
 from transcribe.core.pool.jobs import JobOptions, safe_stem
@@ -24,9 +28,6 @@ from transcribe.http.errors import ApiError
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 64
 SNIFF_BYTES = 12
-# After a 413, the rest of the body is read and dropped (up to this much) so that the client, still
-# sending, gets the 413 instead of a reset connection (which clients retry, uploading it all again).
-DRAIN_LIMIT_BYTES = 256 * 2**20
 
 T = TypeVar("T")
 
@@ -188,17 +189,16 @@ async def receive_job(request: Request, td: TaskDir, limits: UploadLimits,
                       parse_fields: Callable[[dict[str, list[str]]], tuple[JobOptions, T]]) -> Accepted:
     """Stream the upload into a staged job; validate the fields; rename it into inbox/. `ApiError` if bad."""
     boundary = _boundary(request)
-    stream = request.stream()
     declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_bytes + MAX_PARTS * MAX_FIELD_BYTES:
+        raise ApiError(413, f"the upload ({int(declared) / 2**20:.0f} MB) is over the "
+                            f"{limits.max_bytes / 2**20:g} MB limit (http.max_upload_mb)", param="file",
+                       code="file_too_large")
     try:
-        if declared.isdigit() and int(declared) > limits.max_bytes + MAX_PARTS * MAX_FIELD_BYTES:
-            raise ApiError(413, f"the upload ({int(declared) / 2**20:.0f} MB) is over the "
-                                f"{limits.max_bytes / 2**20:g} MB limit (http.max_upload_mb)", param="file",
-                           code="file_too_large")
         with contextlib.ExitStack() as stack:
             sink = _MultipartSink(td, limits, stack)
             parser = MultipartParser(boundary, sink.callbacks())
-            async for chunk in stream:
+            async for chunk in request.stream():
                 parser.write(chunk)
             parser.finalize()
             if not sink.saw_file or sink.staged is None:
@@ -208,21 +208,8 @@ async def receive_job(request: Request, td: TaskDir, limits: UploadLimits,
             sink.staged.options = options
             staged = sink.staged
         return Accepted(staged.job_id, request_info, sink.file_bytes)
-    except ApiError as e:
-        if e.status == 413:
-            await _drain(stream)
-        raise
     except MultipartParseError as e:
         raise ApiError(400, f"malformed multipart body: {e}", param="file", code="invalid_multipart") from None
     except ClientDisconnect:
         raise ApiError(400, "the client disconnected before the upload finished", param="file",
                        code="upload_incomplete") from None
-
-
-async def _drain(stream: Any) -> None:
-    drained = 0
-    with contextlib.suppress(ClientDisconnect, RuntimeError):
-        async for chunk in stream:
-            drained += len(chunk)
-            if drained > DRAIN_LIMIT_BYTES:
-                break
