@@ -215,3 +215,19 @@ def test_serve_refuses_a_port_in_use_and_a_bad_address(tmp_path):
             out = subprocess.run([sys.executable, "-m", "transcribe", "--config", str(config), "serve", "--http",
                                   address], check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
             assert out.returncode == code and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_http_config_keys_from_the_environment_and_bind_forms():
+    from transcribe.config import load_config
+    from transcribe.core.errors import ConfigError
+
+    env = {"TRANSCRIBE__HTTP__API_KEYS": "first-key-0123456789, second-key-0123456789",
+           "TRANSCRIBE__HTTP__BIND": "8000"}
+    cfg = load_config(None, environ=env)
+    assert cfg.http.api_keys == ["first-key-0123456789", "second-key-0123456789"]
+    assert cfg.http.bind == "127.0.0.1:8000"
+    assert load_config(None, environ={"TRANSCRIBE__HTTP__BIND": "[::1]:9000"}).http.bind == "[::1]:9000"
+    with pytest.raises(ConfigError, match="http.api_keys"):
+        load_config(None, environ={"TRANSCRIBE__HTTP__API_KEYS": "short"})
+    with pytest.raises(ConfigError, match="http.bind"):
+        load_config(None, environ={"TRANSCRIBE__HTTP__BIND": "example.org"})

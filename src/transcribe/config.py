@@ -159,12 +159,12 @@ class HttpConfig(_Section):
     sync_timeout_s: float = Field(default=600.0, gt=0)  # POST /v1/audio/transcriptions waits this long
     api_keys: list[str] = Field(default_factory=list)  # empty: no key needed
 
-    @field_validator("bind")
+    @field_validator("bind", mode="before")
     @classmethod
-    def _check_bind(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        return check_bind(v)
+    def _check_bind(cls, v: Any) -> Any:
+        if v is None or not isinstance(v, (str, int)) or isinstance(v, bool):
+            return v  # None, or a type error that pydantic reports
+        return check_bind(str(v))  # also a bare port: TRANSCRIBE__HTTP__BIND=8000 parses as a number
 
     @field_validator("api_keys", mode="before")
     @classmethod
