@@ -2,7 +2,7 @@
 
 OpenAI's fields are accepted (`model`, `language`, `prompt`, `response_format`, `temperature`,
 `timestamp_granularities[]`); `prompt` becomes hotwords when `hotwords` is not given. The extensions
-`speakers`, `min_speakers`, `max_speakers`, `hotwords`, `priority` go to `JobOptions` by those names,
+`speakers`, `min_speakers`, `max_speakers`, `diarize`, `hotwords`, `priority` go to `JobOptions` by those names,
 so a JobOptions field added later flows through unchanged. Anything else is a 400 naming the field.
 """
 
@@ -17,7 +17,7 @@ from transcribe.core.pool.jobs import JobOptions
 from transcribe.http.errors import ApiError
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-OPTION_FIELDS = ("speakers", "min_speakers", "max_speakers", "priority")
+OPTION_FIELDS = ("speakers", "min_speakers", "max_speakers", "diarize", "priority")
 IGNORED_FIELDS = ("model", "temperature")  # accepted for compatibility: the configured models answer
 KNOWN_FIELDS = (*OPTION_FIELDS, *IGNORED_FIELDS, "response_format", "language", "prompt", "hotwords", "stream",
                 "timestamp_granularities[]", "timestamp_granularities")
@@ -77,10 +77,15 @@ def parse_fields(fields: dict[str, list[str]]) -> tuple[JobOptions, Transcriptio
         options = JobOptions.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else "request"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["loc"]:
+            name = str(err["loc"][0])
+        else:  # a rule across fields (speakers with min_speakers...): name the first field it mentions
+            name = next((f for f in raw if f in message), "speakers")
         param = hotword_source if name == "hotwords" else name
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"`{param}` is not supported by this server version", param=param,
                            code="unsupported_parameter") from None
-        raise ApiError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from None
+        raise ApiError(400, f"{param}: {message}" if err["loc"] else message, param=param,
+                       code="invalid_value") from None
     return options, TranscriptionRequest(fmt, language)
