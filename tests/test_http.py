@@ -364,6 +364,7 @@ def test_sigkill_mid_request_then_restart_completes_every_accepted_job(live):
     # Accepted: an id was returned, or the upload reached the inbox (and so may be mid-transcription).
     in_flight = {p.name.removesuffix(".job") for folder in ("inbox", "processing") for p in (td / folder).iterdir()}
     mid_transcription = {p.name for p in (td / "processing").iterdir()}
+    assert mid_transcription  # the kill came a moment after a job was seen in processing/ (jobs take seconds)
     accepted |= in_flight
     finished_before_kill = {p.stem for p in (td / "done").glob("*.json")} - before
     assert len(accepted | finished_before_kill) == 5  # 3 async + 2 sync; the partial upload is not a job
