@@ -7,7 +7,6 @@ bound here, in the calling thread, so a port in use is a clear start-up error, n
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -17,28 +16,9 @@ from loguru import logger
 
 from transcribe.config import Config, parse_bind
 from transcribe.core.errors import TranscribeError
-from transcribe.core.pool.task_dir import JOB_SUFFIX, TaskDir
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-# A staged job in tmp/ untouched this long is an upload (or `submit`) cut off by a crash: never a job,
-# since only the rename into inbox/ makes one. A live upload writes to it continuously.
-STALE_STAGE_S = 3600.0
-
-
-def remove_stale_stages(td: TaskDir, older_than_s: float = STALE_STAGE_S) -> list[str]:
-    """Delete ``tmp/<job-id>.job/`` folders whose newest entry is older than `older_than_s`; their names."""
-    removed = []
-    now = time.time()
-    for stage in td.tmp.glob(f"*{JOB_SUFFIX}"):
-        try:
-            newest = max([stage.lstat().st_mtime, *(p.lstat().st_mtime for p in stage.iterdir())])
-        except OSError:
-            continue  # renamed into inbox/ or removed meanwhile
-        if stage.is_dir() and not stage.is_symlink() and now - newest > older_than_s:
-            shutil.rmtree(stage, ignore_errors=True)
-            removed.append(stage.name)
-    return removed
 
 
 class HttpServer:
@@ -65,10 +45,6 @@ class HttpServer:
             raise TranscribeError(f"cannot listen on {self.cfg.http.bind}: {e.strerror or e} (another server "
                                   "on that port? choose another with --http HOST:PORT)") from None
         self.port = sock.getsockname()[1]
-        stale = remove_stale_stages(TaskDir.from_config(self.cfg).ensure())
-        if stale:
-            logger.info("removed {} upload(s) cut off by an earlier stop, staged in tmp/: {}", len(stale),
-                        ", ".join(stale))
         config = uvicorn.Config(create_app(self.cfg), log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5, server_header=False)
         server = uvicorn.Server(config)
