@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from starlette.testclient import TestClient
@@ -231,3 +232,24 @@ def test_http_config_keys_from_the_environment_and_bind_forms():
         load_config(None, environ={"TRANSCRIBE__HTTP__API_KEYS": "short"})
     with pytest.raises(ConfigError, match="TRANSCRIBE__HTTP__BIND: .*HOST:PORT"):
         load_config(None, environ={"TRANSCRIBE__HTTP__BIND": "example.org"})
+
+
+@pytest.mark.parametrize("retryable, status", [(False, 400), (True, 500)])
+def test_job_state_follows_the_task_directory(app_for, retryable, status):
+    """queued -> processing (stage from the worker's status file) -> failed, moved by TaskDir's own methods."""
+    client = app_for()
+    job_id = client.post("/v1/jobs", files={"file": ("call.wav", wav_bytes())}).json()["id"]
+    job = client.td.claim(client.td.inbox / f"{job_id}.job", "w1")
+    (client.td.workers / "w1.json").write_text(json.dumps({
+        "worker_id": "w1", "pid": os.getpid(), "state": "busy", "job": job_id, "job_stage": "spk",
+        "job_started_ts": time.time() - 3}))
+    state = client.get(f"/v1/jobs/{job_id}").json()
+    assert (state["status"], state["stage"], state["worker"], state["attempts"]) == ("processing", "spk", "w1", 1)
+    assert state["elapsed_s"] >= 3 and state["source"] == "call.wav"
+    client.td.fail(job, {"reason": "audio_undecodable" if not retryable else "max_attempts_exceeded",
+                         "error_type": "X", "message": "it broke", "retryable": retryable}, "w1")
+    state = client.get(f"/v1/jobs/{job_id}").json()
+    assert state["status"] == "failed" and state["error"]["message"] == "it broke"
+    r = client.get(f"/v1/jobs/{job_id}/result")
+    assert r.status_code == status and error(r)["code"] == state["error"]["reason"]
+    assert error(r)["job_id"] == job_id
