@@ -28,7 +28,12 @@ from transcribe.core.engine.funasr_transcriber import (
 from transcribe.core.engine.patches.cluster_bounds import BoundedClustering
 from transcribe.core.engine.result import Result, speaker_label_map, words_from_sentence
 from transcribe.core.engine.result_cache import ResultCache, model_identity
-from transcribe.core.errors import InvalidOptionsError, SidecarError, TranscriptionError
+from transcribe.core.errors import (
+    InvalidOptionsError,
+    SidecarError,
+    SpeakerCountError,
+    TranscriptionError,
+)
 from transcribe.core.notify import Notifier
 from transcribe.core.pool.job_runner import run_job
 from transcribe.core.pool.jobs import JobOptions, parse_options
@@ -122,7 +127,7 @@ def test_bounded_clustering_on_three_clear_speakers():
         found = wrapper(x).max() + 1
         assert low <= found <= high, (low, high, found)
     wrapper.bounds = (40, 64)
-    with pytest.raises(InvalidOptionsError, match="min_speakers 40"):
+    with pytest.raises(SpeakerCountError, match="min_speakers 40"):
         wrapper(clusters(10, 3))
     wrapper.bounds = (2, 3)
     assert set(wrapper(clusters(5, 3))) == {0}  # under 20 windows FunASR does not cluster

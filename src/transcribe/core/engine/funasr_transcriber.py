@@ -60,6 +60,7 @@ from transcribe.core.engine.result_cache import (
 from transcribe.core.errors import (
     InvalidOptionsError,
     ModelLoadError,
+    SpeakerCountError,
     TranscribeError,
     TranscriptionError,
     TranscriptionTimeout,
@@ -68,6 +69,9 @@ from transcribe.core.fault_injection import crash_point
 
 FAST_DIARIZATION_BATCH = 256  # CAM++ windows per forward call (1.5 s each: ~150 frames x 80 mels)
 FAST_DIARIZATION_MODELS = ("CAMPPlus",)
+# The ASR classes whose FunASR 1.4 `inference` reads the `hotword` argument (grep of funasr/models);
+# every other model ignores it silently (FunASRNano reads a different key, `hotwords`).
+HOTWORD_MODELS = ("SeacoParaformer", "ContextualParaformer")
 
 
 def build_automodel_kwargs(cfg: Config, device: DeviceChoice, refs: dict[str, model_store.ModelRef]) -> dict[str, Any]:
@@ -168,6 +172,8 @@ class Transcriber:
         self.cache = self._open_cache()
         self._cpu_copy: Transcriber | None = None  # built on the first job that falls back to the CPU
         self._cpu_copy_lock = threading.Lock()
+        self.accepts_hotwords = type(getattr(self.model, "model", None)).__name__ in HOTWORD_MODELS
+        self._hotwords_warned = False
         logger.info("models loaded in {:.1f}s on {} (patches: {}; fast diarization: {})", self.load_time,
                     self.device.device, ", ".join(self.patches) or "none", self.fast_diarization)
 
@@ -345,6 +351,10 @@ class Transcriber:
 
     def _transcribe(self, audio: Audio, options: TranscribeOptions, source_name: str | None, started: float,
                     decode_time: float) -> Result:
+        if options.hotwords and not self.accepts_hotwords and not self._hotwords_warned:
+            self._hotwords_warned = True
+            logger.warning("hotwords ignored: the ASR model ({}) does not use them; only SeACo and contextual "
+                           "Paraformer models do (e.g. funasr.model: paraformer-zh)", type(self.model.model).__name__)
         gen_start = time.perf_counter()
         try:
             crash_point("generate")  # test hook (reliability suite: a model call that never returns)
@@ -352,6 +362,10 @@ class Transcriber:
         except TranscribeError:
             raise
         except Exception as e:  # noqa: BLE001 - surfaced as a typed, retryable error with the cause
+            if options.speakers and "n_clusters" in str(e):  # sklearn's k-means: more clusters than CAM++ windows
+                raise SpeakerCountError(
+                    f"{source_name or 'input'}: cannot split into {options.speakers} speakers ({e}); give fewer "
+                    "speakers, or leave the count out for automatic detection") from e
             raise TranscriptionError(f"FunASR failed on {source_name or 'input'}: {type(e).__name__}: {e}") from e
         finished = time.perf_counter()
         text, segments, speakers_found = segments_from_funasr(output, audio.duration, words=options.word_timestamps)

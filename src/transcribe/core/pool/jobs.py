@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from transcribe.config import Config, validate_formats
+from transcribe.config import Config, describe_validation_errors, validate_formats
 from transcribe.core.engine.formats import SubtitleLayout
 from transcribe.core.engine.options import MAX_SPEAKERS, option_problems
 from transcribe.core.errors import SidecarError, TranscribeError
@@ -33,9 +33,24 @@ _SAFE_STEM = re.compile(r"[^\w.-]+", re.UNICODE)
 def new_job_id(original_name: str) -> str:
     """Time-ordered and unique: ``20261123T190812123-1f3a9c2b-meeting`` (sortable, keeps the stem)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
-    stem = unicodedata.normalize("NFC", Path(original_name).stem)
-    stem = _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
-    return f"{stamp}-{uuid.uuid4().hex[:8]}-{stem}"
+    return f"{stamp}-{uuid.uuid4().hex[:8]}-{safe_stem(original_name)}"
+
+
+def safe_stem(original_name: str) -> str:
+    """A file name's stem reduced to letters, digits, ``_``, ``.`` and ``-`` (never a path): ``audio`` if empty."""
+    stem = unicodedata.normalize("NFC", Path(original_name.replace("\\", "/")).stem)
+    return _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
+
+
+def check_speakers(n: int) -> int:
+    """A speaker count (``--speakers``, a sidecar's ``speakers``): 1..MAX_SPEAKERS; leaving it out means auto."""
+    if n == 0:
+        raise ValueError("0 is not a speaker count: leave it out for automatic detection, "
+                         f"or give the number of speakers (1 to {MAX_SPEAKERS})")
+    if not 1 <= n <= MAX_SPEAKERS:
+        raise ValueError(f"{n} is not a speaker count: give 1 to {MAX_SPEAKERS}, or leave it out for automatic "
+                         "detection")
+    return n
 
 
 class JobOptions(BaseModel):
@@ -43,7 +58,7 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
+    speakers: int | None = None
     # Bounds on CAM++'s estimated speaker count (not together with speakers).
     min_speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
     max_speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
@@ -77,6 +92,11 @@ class JobOptions(BaseModel):
         return SubtitleLayout(self.max_line_width or cfg.output.max_line_width,
                               self.max_line_count or cfg.output.max_line_count)
 
+    @field_validator("speakers")
+    @classmethod
+    def _speakers(cls, v: int | None) -> int | None:
+        return None if v is None else check_speakers(v)
+
     @field_validator("formats")
     @classmethod
     def _formats(cls, v: list[str] | None) -> list[str] | None:
@@ -103,13 +123,7 @@ def parse_options(raw: bytes, max_bytes: int) -> JobOptions:
     try:
         return JobOptions.model_validate(data)
     except ValidationError as e:
-        raise SidecarError(f"sidecar rejected: {option_errors(e)}") from None
-
-
-def option_errors(e: ValidationError) -> str:
-    """A `JobOptions` validation error as one line: ``key: problem; key: problem``."""
-    return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'options'}: {x['msg'].removeprefix('Value error, ')}"
-                     for x in e.errors())
+        raise SidecarError(f"sidecar rejected: {'; '.join(describe_validation_errors(e, JobOptions))}") from None
 
 
 @dataclass

@@ -30,6 +30,8 @@ import os
 import shutil
 import stat
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,6 +54,15 @@ JOB_SUFFIX = ".job"  # a requeued or submitted job in inbox/: a directory holdin
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", ".json")
 JOB_FILE, LEASE_FILE, SIDECAR_FILE, ERROR_FILE = "job.json", "lease.json", "sidecar.json", "error.json"
 STATUS_DIR = "workers"
+
+
+@dataclass
+class StagedJob:
+    """A job being written in tmp/ by `TaskDir.staging`."""
+
+    job_id: str
+    audio: Path  # write the audio here
+    options: JobOptions | None = None
 
 
 def _is_candidate(name: str) -> bool:
@@ -343,20 +354,29 @@ class TaskDir:
     # ------------------------------------------------------------------ user operations
     def submit(self, audio: Path, options: JobOptions | None = None) -> str:
         """Stage a copy of `audio` in tmp/ and rename it into inbox/ (never seen half-written)."""
-        job_id = new_job_id(audio.name)
+        with self.staging(audio.name, options) as staged:
+            shutil.copyfile(audio, staged.audio)
+        return staged.job_id
+
+    @contextlib.contextmanager
+    def staging(self, audio_name: str, options: JobOptions | None = None) -> Iterator[StagedJob]:
+        """A job built in tmp/<job-id>.job/: the caller writes `staged.audio` (and may set `staged.options`);
+        a clean exit writes job.json and renames the folder into inbox/ (the only moment a server can see
+        it), an exception removes it. `audio_name` must be a bare file name the caller trusts."""
+        job_id = new_job_id(audio_name)
         stage = self.tmp / f"{job_id}{JOB_SUFFIX}"
         stage.mkdir(mode=self.dir_mode)
+        staged = StagedJob(job_id, stage / audio_name, options)
         try:
-            shutil.copyfile(audio, stage / audio.name)
-            os.chmod(stage / audio.name, self.file_mode)
-            record = JobRecord(job_id, audio.name, audio.name, now_iso(),
-                               options=options.model_dump(exclude_none=True) if options else None)
+            yield staged
+            os.chmod(staged.audio, self.file_mode)
+            opts = staged.options.model_dump(exclude_none=True) if staged.options else None
+            record = JobRecord(job_id, audio_name, audio_name, now_iso(), options=opts)
             write_atomic(stage / JOB_FILE, record.to_json(), stage, self.file_mode)
             os.rename(stage, self.inbox / stage.name)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        return job_id
 
     def retry(self, job_id: str) -> None:
         """Move failed/<job_id> back to inbox/ with its attempts reset."""
@@ -368,7 +388,9 @@ class TaskDir:
         record.history.append({"retried": now_iso()})
         write_atomic(src / JOB_FILE, record.to_json(), src, self.file_mode)
         with contextlib.suppress(FileNotFoundError):
-            (src / ERROR_FILE).rename(src / f".error-{int(time.time())}.json")
+            # a readable UTC time, to the millisecond so two retries never overwrite each other's record
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%f")[:-3]
+            (src / ERROR_FILE).rename(src / f".error-{stamp}Z.json")
         os.rename(src, self.inbox / f"{job_id}{JOB_SUFFIX}")
 
     def failed_ids(self) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from transcribe.core.errors import InvalidOptionsError
+from transcribe.core.errors import SpeakerCountError
 
 NAME = "cluster_bounds"
 VERIFIED_FUNASR = ("1.4.16",)  # the attribute names and thresholds above, read from this version
@@ -51,7 +51,7 @@ class BoundedClustering:
         if windows < FEWEST_WINDOWS_TO_CLUSTER:
             return self.original(X)  # FunASR: too little speech to cluster, one speaker
         if low >= windows:
-            raise InvalidOptionsError(
+            raise SpeakerCountError(
                 f"min_speakers {low} is more than this audio can hold ({windows} speaker windows of 1.5 s); "
                 "lower min_speakers")
         if low == high:
