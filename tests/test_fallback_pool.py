@@ -5,7 +5,13 @@ with the project's fault-injection hook) is retried with half the batch, the res
 import json
 
 from tests.conftest import model_config, shared_audio, write_config
-from tests.support.pool_helpers import Server, drop_file, ready_workers, results, wait_until
+from tests.support.pool_helpers import (
+    Server,
+    drop_file,
+    ready_workers,
+    results,
+    wait_until,
+)
 from tests.test_notify_metrics import webhook_server  # noqa: F401 - the fixture
 
 
