@@ -21,10 +21,11 @@ def test_help_shows_the_job_flags(command):
 
 @pytest.mark.parametrize("flags, message", [
     (["--speakers", "2", "--min-speakers", "1"], "not both"),
-    (["--min-speakers", "4", "--max-speakers", "2"], "more than max-speakers"),
+    (["--min-speakers", "4", "--max-speakers", "2"], "--min-speakers (4) is more than --max-speakers (2)"),
     (["--no-diarize", "--max-speakers", "2"], "need diarization"),
-    (["--max-line-width", "0"], "max-line-width"),
-    (["--batch-size", "0"], "batch-size: Input should be greater than or equal to 1"),
+    (["--max-line-width", "0"], "argument --max-line-width: 0 is out of range"),
+    (["--batch-size", "0"], "argument --batch-size: 0 is out of range"),
+    (["--min-speakers", "0"], "argument --min-speakers: 0 is not a speaker count"),
 ])
 def test_bad_flag_combinations_are_usage_errors_before_any_model_load(tmp_path, flags, message):
     # The config names a model that does not exist: reaching a model load would report that instead.
