@@ -63,6 +63,22 @@ def test_submit_records_the_per_job_flags(tmp_path):
     assert out.returncode == 0, out.stderr
     [job] = (tmp_path / "tasks" / "inbox").iterdir()
     options = json.loads((job / "job.json").read_text())["options"]
-    assert options == {"min_speakers": 2, "max_speakers": 3, "diarize": True, "batch_size_s": 60,
+    assert options == {"min_speakers": 2, "max_speakers": 3, "batch_size_s": 60,
                        "word_timestamps": True, "max_line_width": 42, "cache": False, "priority": 0,
                        "formats": ["json", "txt", "srt", "vtt", "tsv", "rttm"]}
+
+
+def test_run_takes_a_repeated_recording_from_the_cache(tiny_models, tmp_path):
+    data = model_config(tiny_models)
+    data["logging"] = {"dir": str(tmp_path / "logs")}
+    data["cache"] = {"enabled": True, "dir": str(tmp_path / "cache")}
+    cfg = write_config(tmp_path / "c.json", data)
+    first = tmp_path / "first.wav"
+    first.write_bytes(shared_audio("tts_1speaker_5s.wav").read_bytes())
+    again = tmp_path / "again.wav"
+    again.write_bytes(first.read_bytes())
+    out = cli("--config", cfg, "run", first, again, "-o", tmp_path / "out", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    a, b = (json.loads((tmp_path / "out" / f"{n}.json").read_text()) for n in ("first", "again"))
+    assert (a["cached"], b["cached"], b["source"]) == (False, True, "again.wav")
+    assert b["segments"] == a["segments"] and b["processing_time"] == a["processing_time"]

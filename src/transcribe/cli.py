@@ -181,7 +181,7 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="at least N speakers: bounds the automatic count (not with --speakers)")
     parser.add_argument("--max-speakers", type=_flag(_speakers), metavar="N",
                         help="at most N speakers: bounds the automatic count (not with --speakers)")
-    parser.add_argument("--no-diarize", dest="diarize", action="store_false",
+    parser.add_argument("--no-diarize", dest="diarize", action="store_false", default=None,
                         help="no speaker labels for this job (the speaker model does not run)")
     parser.add_argument("--hotwords", type=_flag(_hotword_list), metavar="WORD[,WORD...]",
                         help="words to favour, as ONE comma-separated value (--hotwords 'FunASR,Paraformer'). "
@@ -198,7 +198,7 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="srt/vtt: wrap cue lines at N characters (default: output.max_line_width)")
     parser.add_argument("--max-line-count", type=_flag(_int_in(1, 10**4, "give 1 or more")), metavar="N",
                         help="srt/vtt: at most N lines per cue; longer segments become several cues")
-    parser.add_argument("--no-cache", dest="cache", action="store_false",
+    parser.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                         help="neither read nor write the result cache for these files (with cache.enabled)")
 
 

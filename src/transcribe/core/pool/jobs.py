@@ -62,7 +62,7 @@ class JobOptions(BaseModel):
     # Bounds on CAM++'s estimated speaker count (not together with speakers).
     min_speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
     max_speakers: int | None = Field(default=None, ge=1, le=MAX_SPEAKERS)
-    diarize: bool = True  # false: no speaker model for this job
+    diarize: bool | None = None  # false: no speaker model for this job (None: true, left out of job.json)
     hotwords: list[str] | None = Field(default=None, max_length=1000)
     formats: list[str] | None = None
     priority: int = Field(default=0, ge=-100, le=100)
@@ -70,12 +70,12 @@ class JobOptions(BaseModel):
     word_timestamps: bool | None = None  # None: output.word_timestamps
     max_line_width: int | None = Field(default=None, ge=1)  # None: output.max_line_width
     max_line_count: int | None = Field(default=None, ge=1)  # None: output.max_line_count
-    cache: bool = True  # false: neither read nor write the result cache for this job
+    cache: bool | None = None  # false: neither read nor write the result cache for this job (None: true)
 
     @model_validator(mode="after")
     def _speaker_options(self) -> "JobOptions":
         problems = option_problems(speakers=self.speakers, min_speakers=self.min_speakers,
-                                   max_speakers=self.max_speakers, diarize=self.diarize)
+                                   max_speakers=self.max_speakers, diarize=self.diarize is not False)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -83,9 +83,9 @@ class JobOptions(BaseModel):
     def engine_kwargs(self, cfg: Config) -> dict[str, Any]:
         """The keyword arguments of `Transcriber.transcribe` for this job."""
         return {"speakers": self.speakers, "min_speakers": self.min_speakers, "max_speakers": self.max_speakers,
-                "diarize": self.diarize, "hotwords": self.hotwords, "batch_size_s": self.batch_size_s,
+                "diarize": self.diarize is not False, "hotwords": self.hotwords, "batch_size_s": self.batch_size_s,
                 "word_timestamps": cfg.output.word_timestamps if self.word_timestamps is None
-                else self.word_timestamps, "use_cache": self.cache}
+                else self.word_timestamps, "use_cache": self.cache is not False}
 
     def layout(self, cfg: Config) -> SubtitleLayout:
         """srt/vtt line limits: this job's, else the configuration's."""
