@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve the task directory until SIGTERM/SIGINT (running jobs finish "
                                        "within pool.shutdown_timeout). SIGHUP reloads the config and replaces "
                                        "workers one by one. See docs/task-directory.md.")
-    serve.add_argument("--mode", choices=["pool", "lock"], default="pool",
-                       help="pool: N worker processes (default); lock: one in-process model, jobs one at a time")
+    serve.add_argument("--mode", choices=["pool", "lock", "ray"], default="pool",
+                       help="pool: N worker processes (default); lock: one in-process model, jobs one at a time; "
+                            "ray: Ray actors across a cluster (pip install 'transcribe[ray]'; docs/scaling.md)")
+    serve.add_argument("--address", help="with --mode ray: join the Ray cluster at HOST:PORT ('auto': the one "
+                                         "started on this machine); default ray.address, else a local instance")
     serve.add_argument("--workers", help="worker count or 'auto' (default: pool.workers)")
     serve.add_argument("--task-dir", help="task directory (default: pool.task_dir)")
 
@@ -173,6 +176,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from transcribe.core.pool.lock_server import serve_lock
 
         return asyncio.run(serve_lock(cfg))
+    if args.mode == "ray":
+        setup_logging(cfg, "ray-driver")
+        from transcribe.core.cluster.driver import serve_ray
+
+        return serve_ray(cfg, args.address)
     setup_logging(cfg, "supervisor")
     from transcribe.core.pool.supervisor import Supervisor
 
