@@ -30,11 +30,13 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str, interval: 
 class Server:
     """`python -m transcribe serve` in a new session: killpg reaches the supervisor and its workers."""
 
-    def __init__(self, config: Path, mode: str = "pool", workers: int = 2, env: dict | None = None) -> None:
+    def __init__(self, config: Path, mode: str = "pool", workers: int = 2, env: dict | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.log = config.parent / f"serve-{mode}-{int(time.time() * 1000)}.log"
         cmd = [sys.executable, "-m", "transcribe", "--config", str(config), "serve", "--mode", mode]
         if mode == "pool":
             cmd += ["--workers", str(workers)]
+        cmd += extra_args or []
         self._log_file = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, cwd=config.parent, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, **(env or {})})

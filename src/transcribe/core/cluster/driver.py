@@ -175,7 +175,8 @@ class RayServer:
                 if self.address:
                     ray.init(address=self.address, **common)
                 else:
-                    ray.init(num_cpus=rc.local_num_cpus, include_dashboard=False, **common)
+                    # "local": a new instance even where `ray start` left one (join that with --address auto)
+                    ray.init(address="local", num_cpus=rc.local_num_cpus, include_dashboard=False, **common)
                     self._started_ray = True
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray instance"
