@@ -134,6 +134,8 @@ class RayServer:
             if threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
                     signal.signal(sig, lambda signum, frame: self.stop_event.set())
+                signal.signal(signal.SIGHUP, lambda signum, frame: logger.warning(
+                    "SIGHUP: ray mode does not reload its config; restart the server to apply changes"))
             try:
                 with InboxWatcher(self.td.inbox, self.wake):
                     while not self.stop_event.is_set() and not self.fatal:
