@@ -32,7 +32,12 @@ from tests.support.pool_helpers import (
     workers_status,
 )
 from transcribe.config import config_from_dict
-from transcribe.core.cluster.placement import ActorSpec, NodeResources, actor_device, plan_actors
+from transcribe.core.cluster.placement import (
+    ActorSpec,
+    NodeResources,
+    actor_device,
+    plan_actors,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -231,6 +236,25 @@ class TestDriver:
         assert assert_exactly_once(server.task_dir, names) == {"done": 5, "failed": 1}
 
 
+def test_an_actor_that_cannot_load_its_models_stops_the_server_with_the_reason(tmp_path):
+    from transcribe.core.cluster.driver import ActorSlot, RayServer
+    from transcribe.core.pool.heartbeat import WorkerStatus
+
+    srv = RayServer(config_from_dict({"pool": {"task_dir": str(tmp_path / "tasks")}}, tmp_path))
+    slot = ActorSlot("r1", "node", ActorSpec(1.0), None, WorkerStatus("r1", os.getpid()), boot_ref="pending")
+    srv.slots["r1"] = slot
+    srv._booted(slot, {"pid": 1, "error": {"reason": "model_load_failed", "message": "no such model dir /x"}})
+    assert srv.fatal and "could not boot: no such model dir /x" in srv.fatal
+    status = workers_status(srv.td.root)["r1"]
+    assert status["state"] == "boot_failed" and status["error"]["reason"] == "model_load_failed"
+
+
+def test_address_needs_ray_mode(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "transcribe", "serve", "--mode", "pool", "--address", "auto"],
+                         capture_output=True, text=True, cwd=tmp_path, check=False, timeout=60)
+    assert out.returncode == 2 and "--mode ray" in out.stderr
+
+
 @needs_shared
 def test_a_late_answer_for_a_job_no_longer_held_is_never_committed(tiny_models, tmp_path):
     """Fencing at commit: after the job was requeued (its actor declared lost), the old answer is dropped."""
@@ -297,7 +321,7 @@ def test_cli_serve_against_the_cluster_address(cluster, tiny_models, tmp_path):
             drop_file(AUDIO / name, task_dir / "inbox")
         wait_until(lambda: len(results(task_dir)) == 2, JOB, "two results")
         out = subprocess.run([sys.executable, "-m", "transcribe", "--config", str(cfg), "status", "--json"],
-                             capture_output=True, text=True, timeout=60)
+                             check=True, capture_output=True, text=True, timeout=60)
         info = json.loads(out.stdout)
         assert info["server"]["alive"] and info["server"]["mode"] == "ray"
         assert sorted(w["state"] for w in info["workers"]) == ["ready", "ready"]

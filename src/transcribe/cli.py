@@ -170,6 +170,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.workers:
         overrides["pool.workers"] = args.workers if args.workers == "auto" else int(args.workers)
+    if args.address and args.mode != "ray":
+        raise ConfigError("--address joins a Ray cluster: use it with --mode ray")
     cfg = _load(args, overrides)
     if args.mode == "lock":
         setup_logging(cfg, "lock-server")

@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,10 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import job_set, make_audio  # noqa: E402
+from bench import job_set, make_audio, time_job_set
 
-from tests.support.model_factory import build_all, cache_key  # noqa: E402
-from tests.support.pool_helpers import Server, ready_workers, results, wait_until  # noqa: E402
+from tests.support.model_factory import build_all, cache_key
+from tests.support.pool_helpers import results
 
 
 def server_config(args: argparse.Namespace, models: dict[str, Path], mode: str, engines: int) -> dict[str, Any]:
@@ -64,9 +63,6 @@ def server_config(args: argparse.Namespace, models: dict[str, Path], mode: str, 
 
 
 def run_server(args: argparse.Namespace, models: dict[str, Path], jobs: list, mode: str, engines: int) -> dict:
-    from transcribe.core.pool.jobs import JobOptions
-    from transcribe.core.pool.task_dir import TaskDir
-
     root = args.work / f"{mode}-{engines}"
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(server_config(args, models, mode, engines)))
@@ -74,21 +70,7 @@ def run_server(args: argparse.Namespace, models: dict[str, Path], jobs: list, mo
     n_engines = engines * (args.engines_per_gpu if cuda else 1)
     # Ray sees only the GPUs it is shown; the pool is told its devices in pool.devices.
     env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(engines))} if cuda and mode == "ray" else {}
-    t0 = time.time()
-    srv = Server(root / "config.json", mode=mode, workers=n_engines, env=env)
-    try:
-        wait_until(lambda: ready_workers(root / "tasks", n_engines), 900, f"{mode}: {n_engines} engines ready",
-                   interval=0.05)
-        ready = time.time() - t0
-        td = TaskDir(root / "tasks")
-        t1 = time.time()
-        for _, path, _ in jobs:
-            td.submit(path, JobOptions(speakers=2))
-        wait_until(lambda: len(results(root / "tasks")) >= len(jobs), 7200, "all jobs", interval=0.05)
-        wall = time.time() - t1
-        assert srv.terminate(120) == 0, srv.output()[-2000:]
-    finally:
-        srv.kill_group()
+    ready, wall, _ = time_job_set(root, mode, n_engines, jobs, env)
     done = results(root / "tasks")
     audio = sum(r["duration"] for r in done)
     row = {"mode": mode, "engines": n_engines, "gpus": engines if cuda else 0, "jobs": len(done),

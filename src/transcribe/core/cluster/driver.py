@@ -23,6 +23,7 @@ shows actors) and ``supervisor.json``. SIGTERM/SIGINT: stop claiming, let runnin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -254,10 +255,8 @@ class RayServer:
 
         if slot.dispatch is not None:
             self._settle(slot, slot.dispatch, None, lost=why)
-        try:
+        with contextlib.suppress(Exception):  # already dead is what we want
             ray.kill(slot.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - already dead is what we want
-            pass
         self.slots.pop(slot.actor_id, None)
         slot.status.state, slot.status.job = "exited", None
         slot.status.error = {"reason": "actor_lost", "message": why}
@@ -279,10 +278,8 @@ class RayServer:
         for slot in list(self.slots.values()):
             if slot.dispatch is not None:  # drained already; anything left goes back to the inbox
                 self._settle(slot, slot.dispatch, None, lost="the server stopped during the job")
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(slot.handle, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
             slot.status.state, slot.status.job = "exited", None
             self._write_worker_status(slot)
         self.slots.clear()

@@ -28,7 +28,7 @@ class NodeResources:
     address: str = ""
 
     @classmethod
-    def from_ray(cls, node: dict[str, Any]) -> "NodeResources":
+    def from_ray(cls, node: dict[str, Any]) -> NodeResources:
         res = node.get("Resources") or {}
         return cls(str(node["NodeID"]), float(res.get("CPU", 0)), float(res.get("GPU", 0)),
                    str(node.get("NodeManagerAddress", "")))
@@ -48,7 +48,7 @@ class ActorSpec:
 
 
 def _fits(total: float, each: float) -> int:
-    return int(math.floor(total / each + EPS)) if each > 0 else 0
+    return math.floor(total / each + EPS) if each > 0 else 0
 
 
 def actors_for_node(node: NodeResources, cfg: Config) -> tuple[int, ActorSpec]:
