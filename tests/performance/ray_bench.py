@@ -77,6 +77,9 @@ def run_server(args: argparse.Namespace, models: dict[str, Path], jobs: list, mo
            "audio_s": round(audio, 1), "wall_s": round(wall, 3), "x_realtime": round(audio / wall, 2),
            "ready_s": round(ready, 1),
            "mean_job_processing_s": round(statistics.mean(r["processing_time"] for r in done), 3),
+           # decoding runs inside the engine's process (actor or worker): its share of the job time
+           "decode_share": round(sum(r["timings"].get("decode", 0.0) for r in done)
+                                 / sum(r["processing_time"] for r in done), 4),
            # wall time the engines were not transcribing, per job: claim, transfer, commit, hand-offs
            "between_jobs_s": round((wall * n_engines - sum(r["processing_time"] for r in done)) / len(done), 4)}
     print(json.dumps(row), flush=True)
