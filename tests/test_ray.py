@@ -59,10 +59,10 @@ def environ(**values: str):
                 os.environ[k] = v
 
 
-def ray_cfg(tiny_models, task_dir: Path, **ray_keys):
+def ray_cfg(tiny_models, task_dir: Path, pool: dict | None = None, **ray_keys):
     data = model_config(tiny_models)
     data["pool"] = {"task_dir": str(task_dir), "settle_seconds": 0.2, "heartbeat_interval": 0.5,
-                    "shutdown_timeout": 20}
+                    "shutdown_timeout": 20, **(pool or {})}
     data["ray"] = {"resize_interval": 1.0, **ray_keys}
     data["logging"] = {"dir": str(task_dir.parent / "logs")}
     return data
@@ -335,18 +335,31 @@ def test_cli_serve_against_the_cluster_address(cluster, tiny_models, tmp_path):
 
 
 @needs_shared
-def test_cli_serve_without_address_starts_and_stops_a_local_instance(tiny_models, tmp_path):
-    data = ray_cfg(tiny_models, tmp_path / "tasks", local_num_cpus=1)
-    cfg = write_config(tmp_path / "config.json", data)
+def test_cli_serve_without_address_starts_a_local_instance_and_requeues_on_sigterm(tiny_models, tmp_path):
+    """No --address: a local Ray instance of its own. SIGTERM while a job hangs: the driver waits
+    pool.shutdown_timeout, requeues the job (attempt counted), ends its actor and Ray, and exits 0."""
+    once = tmp_path / "hang.once"
+    once.touch()  # disarmed for the first job
+    cfg = write_config(tmp_path / "config.json",
+                       ray_cfg(tiny_models, tmp_path / "tasks", pool={"shutdown_timeout": 2}, local_num_cpus=1))
     task_dir = tmp_path / "tasks"
-    srv = Server(cfg, mode="ray")
+    srv = Server(cfg, mode="ray", env={"TRANSCRIBE_HANG_AT": "generate", "TRANSCRIBE_HOOK_ONCE": str(once)})
     try:
         wait_until(lambda: len(ready_actors(task_dir)) == 1, BOOT, "one actor ready")
         drop_file(AUDIO / "tts_1speaker_5s.wav", task_dir / "inbox")
         wait_until(lambda: len(results(task_dir)) == 1, JOB, "a result")
         status = json.loads((task_dir / "supervisor.json").read_text())
         assert status["started_ray"] is True and status["ray_address"] is None
+        once.unlink()
+        drop_file(AUDIO / "tts_1speaker_5s.wav", task_dir / "inbox", "interrupted.wav")
+        wait_until(once.exists, JOB, "the second job to reach generate")
     finally:
         code = srv.terminate()
     assert code == 0, srv.output()[-3000:]
     assert "started a local instance" in srv.output()
+    assert [r["source"] for r in results(task_dir)] == ["tts_1speaker_5s.wav"]
+    assert list((task_dir / "processing").iterdir()) == []
+    (requeued,) = list((task_dir / "inbox").glob("*.job"))
+    record = json.loads((requeued / "job.json").read_text())
+    assert record["original_name"] == "interrupted.wav" and record["attempts"] == 1
+    assert record["history"][0]["reason"] == "server_stopped" and "shutdown_timeout" in record["history"][0]["message"]

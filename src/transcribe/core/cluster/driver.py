@@ -277,7 +277,9 @@ class RayServer:
 
         for slot in list(self.slots.values()):
             if slot.dispatch is not None:  # drained already; anything left goes back to the inbox
-                self._settle(slot, slot.dispatch, None, lost="the server stopped during the job")
+                self._settle(slot, slot.dispatch, None, lost=f"the server stopped during the job (not finished "
+                             f"within pool.shutdown_timeout={self.cfg.pool.shutdown_timeout:g}s)",
+                             reason="server_stopped")
             with contextlib.suppress(Exception):
                 ray.kill(slot.handle, no_restart=True)
             slot.status.state, slot.status.job = "exited", None
@@ -332,7 +334,7 @@ class RayServer:
                 and lease.get("attempt") == dispatch.attempt)
 
     def _settle(self, slot: ActorSlot, dispatch: Dispatch, reply: dict[str, Any] | None, *,
-                lost: str | None = None) -> str:
+                lost: str | None = None, reason: str = "actor_lost") -> str:
         """Commit, fail or requeue one dispatch, exactly once; a dispatch no longer held is dropped."""
         if not self._holds(slot, dispatch):
             logger.warning("job {}: dropped an answer from actor {} for attempt {}: the job is no longer held",
@@ -342,7 +344,7 @@ class RayServer:
         job, result = dispatch.job, None
         try:
             if lost is not None:
-                outcome = self.td.release(job, {"reason": "actor_lost", "error_type": "ActorDiedError",
+                outcome = self.td.release(job, {"reason": reason, "error_type": "WorkerLost",
                                                 "message": lost, "retryable": True, "worker": slot.actor_id})
             elif reply and reply.get("ok"):
                 result = Result.from_dict(reply["result"])
