@@ -326,6 +326,9 @@ def test_cli_serve_against_the_cluster_address(cluster, tiny_models, tmp_path):
         assert info["server"]["alive"] and info["server"]["mode"] == "ray"
         assert sorted(w["state"] for w in info["workers"]) == ["ready", "ready"]
         assert sum(w["jobs_done"] for w in info["workers"]) == 2
+        actors = ready_actors(task_dir).values()
+        assert {w["pid"] for w in info["workers"]} == {a["actor_pid"] for a in actors}  # the actors' processes
+        assert {w["node"] for w in info["workers"]} == {a["node"] for a in actors} and len(actors) == 2
     finally:
         code = srv.terminate()
     assert code == 0, srv.output()[-3000:]

@@ -27,7 +27,9 @@ def collect_status(cfg: Config) -> dict[str, Any]:
             state = w.get("state") if alive and not stale else ("stale" if alive else "gone")
             started = w.get("job_started_ts")
             workers.append({
-                "worker_id": w.get("worker_id"), "pid": w.get("pid"), "device": w.get("device"), "state": state,
+                # Ray mode: the driver keeps the file (its pid says it is alive); show the actor's own process
+                "worker_id": w.get("worker_id"), "pid": w.get("actor_pid") or w.get("pid"), "node": w.get("node"),
+                "device": w.get("device"), "state": state,
                 "job": w.get("job"), "job_elapsed_s": round(now - started, 1) if started and w.get("job") else None,
                 "job_stage": w.get("job_stage") if w.get("job") else None,
                 "jobs_done": w.get("jobs_done", 0), "jobs_failed": w.get("jobs_failed", 0),
