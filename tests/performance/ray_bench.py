@@ -10,7 +10,8 @@ Reported, in one run:
 - Ray's overhead per job: the wall time the engines spend not transcribing, per job ((wall x engines -
   sum of the results' processing_time) / jobs), in ray mode minus in pool mode, also as a share of the
   mean job time (target <= 3 %): what Ray adds (object-store transfer of the audio, the driver's round
-  trip, the actor call) beyond the pool's own claim and commit;
+  trip, the actor call) beyond the pool's own claim and commit; and, measured directly by the driver, each
+  job's hand-off (dispatch to answer minus the actor's processing time; median and max);
 - scaling from the first to the last engine count in ray mode (target >= 1.9x for 1 -> 2 GPUs).
 
     python tests/performance/ray_bench.py --size tiny --device cpu --engines 1 --jobs 4        # smoke test
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -82,6 +84,10 @@ def run_server(args: argparse.Namespace, models: dict[str, Path], jobs: list, mo
                                  / sum(r["processing_time"] for r in done), 4),
            # wall time the engines were not transcribing, per job: claim, transfer, commit, hand-offs
            "between_jobs_s": round((wall * n_engines - sum(r["processing_time"] for r in done)) / len(done), 4)}
+    if mode == "ray":  # the driver logs, per job, what Ray added beyond the actor's processing time
+        log = (root / "logs" / "ray-driver.log").read_text()
+        hand_offs = [float(m) for m in re.findall(r"Ray hand-off (-?\d+) ms", log)]
+        row["hand_off_ms"] = {"median": statistics.median(hand_offs), "max": max(hand_offs)} if hand_offs else None
     print(json.dumps(row), flush=True)
     return row
 

@@ -307,6 +307,7 @@ class RayServer:
 
         logger.info("job {} ({!r}, attempt {}) -> actor {}", job.job_id, job.record.original_name,
                     job.record.attempts, slot.actor_id)
+        sent = time.time()  # the hand-off starts here: reading the bytes and the object-store put count
         try:
             options = prepare_job(self.td, job)
             check_file(job.audio_path, self.cfg.input.allowed_extensions, self.cfg.input.max_file_mb,
@@ -321,7 +322,8 @@ class RayServer:
         except Exception as exc:  # noqa: BLE001 - the job's own fault: recorded, the actor stays idle
             self._count(slot, settle_failed_job(self.td, job, exc, slot.actor_id, self.notifier), None)
             return
-        slot.dispatch = Dispatch(job, options, slot.handle.transcribe.remote(payload, audio), job.record.attempts)
+        slot.dispatch = Dispatch(job, options, slot.handle.transcribe.remote(payload, audio), job.record.attempts,
+                                 sent)
         slot.status.start_job(job.job_id)
         self._write_worker_status(slot)
 
@@ -350,8 +352,10 @@ class RayServer:
                 result = Result.from_dict(reply["result"])
                 path = finish_job(self.td, job, result, dispatch.options, self.cfg, self.notifier)
                 outcome = "done"
-                logger.info("job {} done by actor {}: {:.1f}s audio, rtf {:.3f} -> {}", job.job_id,
-                            slot.actor_id, result.duration, result.rtf, path.name)
+                # what Ray added to this job: send + call + answer, beyond the actor's own processing time
+                hand_off_ms = (time.time() - dispatch.sent_ts - result.processing_time) * 1000
+                logger.info("job {} done by actor {}: {:.1f}s audio, rtf {:.3f}, Ray hand-off {:.0f} ms -> {}",
+                            job.job_id, slot.actor_id, result.duration, result.rtf, hand_off_ms, path.name)
             else:
                 error = (reply or {}).get("error") or {"reason": "internal_error", "message": "no answer"}
                 outcome = settle_failed_job(self.td, job, ReportedError(error), slot.actor_id, self.notifier)
