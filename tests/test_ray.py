@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,29 @@ def test_an_actor_that_cannot_load_its_models_stops_the_server_with_the_reason(t
     assert srv.fatal and "could not boot: no such model dir /x" in srv.fatal
     status = workers_status(srv.td.root)["r1"]
     assert status["state"] == "boot_failed" and status["error"]["reason"] == "model_load_failed"
+
+
+@needs_shared
+def test_a_job_that_makes_no_progress_has_its_actor_dropped_and_is_requeued(tiny_models, tmp_path):
+    from transcribe.core.cluster.driver import ActorSlot, Dispatch, RayServer
+    from transcribe.core.pool.heartbeat import WorkerStatus
+
+    cfg = ray_cfg(tiny_models, tmp_path / "tasks", pool={"job_stall_timeout": 30})
+    srv = RayServer(config_from_dict(cfg, tmp_path))
+    drop_file(AUDIO / "tts_1speaker_5s.wav", srv.td.inbox)
+    os.utime(srv.td.inbox / "tts_1speaker_5s.wav", (0, 0))
+    slot = ActorSlot("r1", "node", ActorSpec(1.0), None, WorkerStatus("r1", os.getpid()))
+    srv.slots["r1"] = slot
+    job = srv.td.claim_next("r1")
+    slot.status.start_job(job.job_id)
+    slot.dispatch = Dispatch(job, srv.td.options(job), ref=None, attempt=1)
+    srv._progress(slot, {"stage": "asr", "progress_ts": time.time() - 5, "rss_mb": 1.0})
+    assert slot.dispatch is not None  # progressing: left alone
+    srv._progress(slot, {"stage": "asr", "progress_ts": time.time() - 60, "rss_mb": 1.0})
+    assert "r1" not in srv.slots and workers_status(srv.td.root)["r1"]["state"] == "exited"
+    (requeued,) = list(srv.td.inbox.glob("*.job"))
+    history = json.loads((requeued / "job.json").read_text())["history"]
+    assert history[0]["reason"] == "actor_lost" and "no progress" in history[0]["message"]
 
 
 def test_address_needs_ray_mode(tmp_path):

@@ -99,6 +99,15 @@ def actor_options(spec: ActorSpec, node_id: str, runtime_env: dict[str, Any] | N
     return opts
 
 
+def kill_actor(handle: Any) -> None:
+    """End an actor now; one already dead is what we want. Never starts Ray (ray.kill would, unconnected)."""
+    import ray
+
+    if handle is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)
+
+
 def live_nodes() -> list[NodeResources]:
     import ray
 
@@ -251,12 +260,9 @@ class RayServer:
 
     def _lose(self, slot: ActorSlot, why: str) -> None:
         """The actor is gone (or must go): requeue its job, forget it, and replan soon."""
-        import ray
-
         if slot.dispatch is not None:
             self._settle(slot, slot.dispatch, None, lost=why)
-        with contextlib.suppress(Exception):  # already dead is what we want
-            ray.kill(slot.handle, no_restart=True)
+        kill_actor(slot.handle)
         self.slots.pop(slot.actor_id, None)
         slot.status.state, slot.status.job = "exited", None
         slot.status.error = {"reason": "actor_lost", "message": why}
@@ -273,15 +279,12 @@ class RayServer:
         logger.warning("actor {} lost: {}; replacing it in {:.1f}s", slot.actor_id, why, delay)
 
     def _stop_actors(self) -> None:
-        import ray
-
         for slot in list(self.slots.values()):
             if slot.dispatch is not None:  # drained already; anything left goes back to the inbox
                 self._settle(slot, slot.dispatch, None, lost=f"the server stopped during the job (not finished "
                              f"within pool.shutdown_timeout={self.cfg.pool.shutdown_timeout:g}s)",
                              reason="server_stopped")
-            with contextlib.suppress(Exception):
-                ray.kill(slot.handle, no_restart=True)
+            kill_actor(slot.handle)
             slot.status.state, slot.status.job = "exited", None
             self._write_worker_status(slot)
         self.slots.clear()
