@@ -61,6 +61,7 @@ def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Confi
         path = finish_job(td, job, result, options, cfg, notifier)
     except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
         return settle_failed_job(td, job, exc, worker_id, notifier), None
-    logger.info("job {} done: {:.1f}s audio, rtf {:.3f}, {} speakers -> {}", job.job_id, result.duration,
-                result.rtf, len(result.speakers), path.name)
+    n = len(result.speakers)
+    logger.info("job {} done: {:.1f}s audio, rtf {:.3f}, {} speaker{} -> {}", job.job_id, result.duration,
+                result.rtf, n, "" if n == 1 else "s", path.name)
     return "done", result

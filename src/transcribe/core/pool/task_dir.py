@@ -30,6 +30,7 @@ import os
 import shutil
 import stat
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -368,7 +369,9 @@ class TaskDir:
         record.history.append({"retried": now_iso()})
         write_atomic(src / JOB_FILE, record.to_json(), src, self.file_mode)
         with contextlib.suppress(FileNotFoundError):
-            (src / ERROR_FILE).rename(src / f".error-{int(time.time())}.json")
+            # a readable UTC time, to the millisecond so two retries never overwrite each other's record
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%f")[:-3]
+            (src / ERROR_FILE).rename(src / f".error-{stamp}Z.json")
         os.rename(src, self.inbox / f"{job_id}{JOB_SUFFIX}")
 
     def failed_ids(self) -> list[str]:
