@@ -62,7 +62,9 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
     "serve": ("serve a task directory: drop audio into inbox/, get results in done/",
               ("Serve the task directory until SIGTERM/SIGINT (running jobs finish within\n"
                "pool.shutdown_timeout). SIGHUP reloads the config and replaces workers one by one\n"
-               "(docs/operations.md says which keys a reload applies). See docs/task-directory.md.")),
+               "(docs/operations.md says which keys a reload applies). See docs/task-directory.md.\n"
+               "--mode ray serves it with Ray actors on every node of a Ray cluster (--address to\n"
+               "join one, else a local instance); SIGHUP does not reload there. See docs/scaling.md.")),
     "submit": ("queue files into the task directory (safely, via tmp/)",
                ("Copy FILEs into the task directory as complete jobs: each is staged in tmp/ and\n"
                 "renamed into inbox/, so a server never sees half a file. Every FILE is checked\n"
@@ -262,10 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
     serve = _add_command(sub, "serve")
-    serve.add_argument("--mode", choices=["pool", "lock"], default="pool",
-                       help="pool: N worker processes (default); lock: one in-process model, jobs one at a time")
+    serve.add_argument("--mode", choices=["pool", "lock", "ray"], default="pool",
+                       help="pool: N worker processes (default); lock: one in-process model, jobs one at a time; "
+                            "ray: Ray actors across a cluster (pip install 'transcribe[ray]'; docs/scaling.md)")
     serve.add_argument("--workers", type=_flag(parse_workers), metavar="N|auto",
                        help="worker processes (pool mode): a whole number from 1, or auto (default: pool.workers)")
+    serve.add_argument("--address", metavar="HOST:PORT",
+                       help="ray mode: join the Ray cluster whose head is HOST:PORT ('auto': the one `ray start` "
+                            "began on this machine; default: ray.address, else start a local instance)")
     _add_task_dir(serve, "to serve; created if missing")
     serve.add_argument("--http", type=_flag(check_bind), metavar="HOST:PORT",
                        help="also serve the OpenAI-compatible HTTP API (POST /v1/audio/transcriptions; "
@@ -355,16 +361,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from transcribe.logging_setup import setup_logging
 
+    if args.address and args.mode != "ray":
+        raise ConfigError("--address joins a Ray cluster: use it with --mode ray")
     overrides: dict[str, Any] = {"pool.workers": args.workers} if args.workers else {}
     if args.http:
         overrides["http.bind"] = args.http
     cfg = _load(args, overrides)
-    setup_logging(cfg, "lock-server" if args.mode == "lock" else "supervisor")
+    setup_logging(cfg, {"lock": "lock-server", "ray": "ray-driver"}.get(args.mode, "supervisor"))
     with _http_api(cfg):
         if args.mode == "lock":
             from transcribe.core.pool.lock_server import serve_lock
 
             return asyncio.run(serve_lock(cfg))
+        if args.mode == "ray":
+            from transcribe.core.cluster.driver import serve_ray
+
+            return serve_ray(cfg, args.address)
         from transcribe.core.pool.supervisor import Supervisor
 
         return Supervisor(cfg, config_path=args.config).run()

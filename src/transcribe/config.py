@@ -215,6 +215,27 @@ def parse_bind(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class RayConfig(_Section):
+    """`serve --mode ray`: the task directory served by Ray actors across a cluster (`ray.*`)."""
+
+    # None: start a local Ray instance; "auto": join the cluster started on this machine with `ray start`;
+    # "HOST:PORT": join that cluster's head (the --address flag overrides this).
+    address: str | None = None
+    # GPUs per actor on nodes that have GPUs: 1 = one engine per card, 0.5 = two engines share a card
+    # (each process's CUDA memory is then capped to that fraction of the card).
+    num_gpus: float = Field(default=1.0, gt=0, le=1)
+    # CPUs per actor; None = 1 on GPU nodes, funasr.ncpu on CPU-only nodes.
+    num_cpus: float | None = Field(default=None, gt=0)
+    cpu_nodes: bool = True  # also run (CPU or Apple-silicon) actors on nodes without GPUs
+    actors_per_node: int = Field(default=0, ge=0)  # 0: as many as the node's resources allow
+    max_actors: int = Field(default=0, ge=0)  # 0: no cap over the whole cluster
+    audio_transfer: Literal["object_store", "shared_mount"] = "object_store"
+    resize_interval: float = Field(default=5.0, gt=0)  # seconds between looks at the cluster's nodes
+    local_num_cpus: int | None = Field(default=None, ge=1)  # CPUs of a local instance (None: all)
+    namespace: str = "transcribe"
+    runtime_env: dict[str, Any] = Field(default_factory=dict)  # Ray runtime_env for the actors
+
+
 class Config(_Section):
     funasr: FunasrConfig = Field(default_factory=FunasrConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
@@ -225,6 +246,7 @@ class Config(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     # Where the file came from: relative paths in it (models, task_dir, logs) resolve against it.
     base_dir: str = Field(default=".", exclude=True)
 

@@ -209,11 +209,32 @@ def job_set(audio: list, n: int) -> list:
     return [audio[i % len(audio)] for i in range(n)]
 
 
-def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict, out: Path) -> None:
+def time_job_set(root: Path, mode: str, engines: int, jobs: list, env: dict | None = None) -> tuple[float, float, list]:
+    """`serve --mode MODE` on root/config.json: wait for `engines` ready, submit `jobs` at once, wait for every
+    result, stop it. Returns (seconds to ready, seconds from first submit to last result, worker statuses)."""
     from tests.support.pool_helpers import Server, ready_workers, results, wait_until
     from transcribe.core.pool.jobs import JobOptions
     from transcribe.core.pool.task_dir import TaskDir
 
+    t0 = time.time()
+    srv = Server(root / "config.json", mode=mode, workers=engines, env=env)
+    try:
+        wait_until(lambda: ready_workers(root / "tasks", engines), 900, f"{mode}: {engines} ready", interval=0.05)
+        ready = time.time() - t0
+        td = TaskDir(root / "tasks")
+        t1 = time.time()
+        for _, path, _ in jobs:
+            td.submit(path, JobOptions(speakers=2))
+        wait_until(lambda: len(results(root / "tasks")) >= len(jobs), 7200, "all jobs", interval=0.05)
+        wall = time.time() - t1
+        statuses = [json.loads(p.read_text()) for p in (root / "tasks" / "workers").glob("*.json")]
+        assert srv.terminate(120) == 0, srv.output()[-2000:]
+    finally:
+        srv.kill_group()
+    return ready, wall, statuses
+
+
+def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict, out: Path) -> None:
     jobs = job_set(audio, args.pool_jobs)
     audio_total = sum(j[2] for j in jobs)
     for n in args.pool_workers:
@@ -226,21 +247,7 @@ def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, rep
                         "settle_seconds": 1.0},
                "output": {"formats": ["json"]}, "logging": {"dir": "logs"}}
         (root / "config.json").write_text(json.dumps(cfg))
-        t0 = time.time()
-        srv = Server(root / "config.json", workers=n)
-        try:
-            wait_until(lambda: ready_workers(root / "tasks", n), 600, f"{n} workers ready", interval=0.05)
-            ready = time.time() - t0
-            td = TaskDir(root / "tasks")
-            t1 = time.time()
-            for _, path, _ in jobs:
-                td.submit(path, JobOptions(speakers=2))
-            wait_until(lambda: len(results(root / "tasks")) >= len(jobs), 3600, "all jobs", interval=0.05)
-            wall = time.time() - t1
-            statuses = [json.loads(p.read_text()) for p in (root / "tasks" / "workers").glob("*.json")]
-            assert srv.terminate(120) == 0
-        finally:
-            srv.kill_group()
+        ready, wall, statuses = time_job_set(root, "pool", n, jobs)
         row = {"mode": f"(d) pool x{n}", "audio": f"{len(jobs)} jobs, {audio_total / 60:.0f} min", "wall_s": round(wall, 3),
                "x_realtime": round(audio_total / wall, 1), "ready_s": round(ready, 2),
                "worker_ready_s": sorted(s.get("ready_after_s") for s in statuses),

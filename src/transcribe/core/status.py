@@ -16,9 +16,9 @@ from transcribe.core.pool.task_dir import TaskDir
 
 
 def server_lock_held(root: Path) -> int | None:
-    """The pid of the server holding ``<task_dir>/server.lock`` (pool or lock mode), or None.
+    """The pid of the server holding ``<task_dir>/server.lock`` (pool, lock or ray mode), or None.
 
-    Both modes take an exclusive flock on that file for their whole life and write their pid into it.
+    Every mode takes an exclusive flock on that file for its whole life and writes its pid into it.
     A shared, non-blocking flock on a separate descriptor fails exactly while one is held; the kernel
     drops the lock when the holder dies, so this never reports a crashed server as running. The file
     is opened read-only and never created.
@@ -47,9 +47,10 @@ def server_state(td: TaskDir) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
         info = json.loads((td.root / "supervisor.json").read_text(encoding="utf-8"))
     if pid is not None:
-        pool = info.get("pid") == pid  # supervisor.json is written by the pool supervisor only
+        # supervisor.json is written by the pool supervisor and the Ray driver (with its "mode"), not lock mode
+        pool = info.get("pid") == pid
         return {**(info if pool else {}), "alive": True, "pid": pid if pid > 0 else info.get("pid"),
-                "mode": "pool" if pool else "lock"}
+                "mode": info.get("mode", "pool") if pool else "lock"}
     return {**info, "alive": False}
 
 
@@ -59,7 +60,9 @@ def _worker_row(w: dict[str, Any], age: float, now: float, heartbeat_timeout: fl
     state = w.get("state") if alive and not stale else ("stale" if alive else "gone")
     started = w.get("job_started_ts")
     return {
-        "worker_id": w.get("worker_id"), "pid": w.get("pid"), "device": w.get("device"), "state": state,
+        # Ray mode: the driver keeps the file (its pid says it is alive); show the actor's own process and node
+        "worker_id": w.get("worker_id"), "pid": w.get("actor_pid") or w.get("pid"), "node": w.get("node"),
+        "device": w.get("device"), "state": state,
         "job": w.get("job"), "job_elapsed_s": round(now - started, 1) if started and w.get("job") else None,
         "job_stage": w.get("job_stage") if w.get("job") else None,
         "jobs_done": w.get("jobs_done", 0), "jobs_failed": w.get("jobs_failed", 0),

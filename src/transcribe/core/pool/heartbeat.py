@@ -45,6 +45,9 @@ class WorkerStatus:
     rss_mb: float = 0.0
     error: dict[str, Any] | None = None
     patches: list[str] = field(default_factory=list)
+    # Ray mode: the file is kept by the driver (`pid`); the actor's own process and node are here.
+    actor_pid: int | None = None
+    node: str | None = None
 
     def start_job(self, job_id: str) -> None:
         now = time.time()

@@ -186,3 +186,16 @@ def error_info(exc: BaseException) -> dict[str, Any]:
         code = errno.errorcode.get(exc.errno, str(exc.errno))
         return {"reason": code, "error_type": type(exc).__name__, "message": str(exc), "retryable": True}
     return {"reason": "internal_error", "error_type": type(exc).__name__, "message": str(exc), "retryable": True}
+
+
+class ReportedError(TranscribeError):
+    """An error another process reported as its `error_info` record (a Ray actor's), kept as it was."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        super().__init__(str(info.get("message", "unknown error")))
+        self.info = dict(info)
+        self.reason = str(info.get("reason", "error"))
+        self.retryable = bool(info.get("retryable", True))
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.info)
