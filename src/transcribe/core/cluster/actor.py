@@ -102,7 +102,8 @@ class TranscribeActor:
         return {"stage": self.stage, "progress_ts": self.progress_ts, "rss_mb": round(current_rss_mb(), 1)}
 
     def transcribe(self, job: dict[str, Any], audio: bytes | None) -> dict[str, Any]:
-        """Run one job. `job`: job_id, name (original), extension, speakers, hotwords, path (shared mount)."""
+        """Run one job. `job`: job_id, name (original), extension, options (`Transcriber.transcribe`'s keyword
+        arguments, from `JobOptions.engine_kwargs`), path (shared mount)."""
         staged: Path | None = None
         self.stage, self.progress_ts = "decode", time.time()
         try:
@@ -111,8 +112,8 @@ class TranscribeActor:
                 staged.parent.mkdir()
                 staged.write_bytes(audio)
             path = staged or Path(job["path"])
-            result = self.transcriber.transcribe(path, speakers=job.get("speakers"), hotwords=job.get("hotwords"),
-                                                 extension=job.get("extension"), source_name=job["name"])
+            result = self.transcriber.transcribe(path, **job.get("options", {}), extension=job.get("extension"),
+                                                 source_name=job["name"])
             return {"ok": True, "result": result.to_dict()}
         except Exception as exc:  # noqa: BLE001 - a job's error is the driver's to record; the actor lives on
             return {"ok": False, "error": error_info(exc)}

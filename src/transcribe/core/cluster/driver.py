@@ -316,7 +316,7 @@ class RayServer:
             check_file(job.audio_path, self.cfg.input.allowed_extensions, self.cfg.input.max_file_mb,
                        extension=job.extension)
             payload = {"job_id": job.job_id, "name": job.record.original_name, "extension": job.extension,
-                       "speakers": options.speakers, "hotwords": options.hotwords}
+                       "options": options.engine_kwargs(self.cfg)}
             audio = None
             if self.cfg.ray.audio_transfer == "shared_mount":
                 payload["path"] = str(job.audio_path.resolve())

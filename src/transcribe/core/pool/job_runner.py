@@ -29,6 +29,9 @@ def finish_job(td: TaskDir, job: Job, result: Result, options: JobOptions, cfg: 
     outputs = {fmt: render(result, fmt, layout) for fmt in formats}
     path = td.complete(job, outputs, keep_audio=cfg.pool.keep_audio)
     if notifier:
+        if result.fallback and not result.cached:  # the job left its device: out of memory, a missing operator
+            notifier.send("job.fallback", job_id=job.job_id, source=job.record.original_name, device=result.device,
+                          **result.fallback)
         notifier.send("job.done", job_id=job.job_id, source=job.record.original_name, result_path=str(path),
                       duration=result.duration, rtf=result.rtf, speakers=result.speakers)
     return path
@@ -59,9 +62,6 @@ def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Confi
         options = prepare_job(td, job)
         result = transcribe(job.audio_path, **options.engine_kwargs(cfg), extension=job.extension,
                             source_name=job.record.original_name)
-        if result.fallback and not result.cached and notifier:
-            notifier.send("job.fallback", job_id=job.job_id, source=job.record.original_name, device=result.device,
-                          **result.fallback)
         path = finish_job(td, job, result, options, cfg, notifier)
     except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
         return settle_failed_job(td, job, exc, worker_id, notifier), None
