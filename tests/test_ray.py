@@ -187,7 +187,7 @@ class TestDriver:
         by_source = {r["source"]: r for r in results(server.task_dir)}
         alone = transcriber.transcribe(AUDIO / "espeak_zh_en_30s.wav")
         assert by_source["espeak_zh_en_30s.wav"]["text"] == alone.text
-        assert by_source["espeak_zh_en_30s.wav"]["segments"] == [s.__dict__ for s in alone.segments]
+        assert by_source["espeak_zh_en_30s.wav"]["segments"] == [s.to_dict() for s in alone.segments]
         assert by_source["silence_5s.wav"]["text"] == ""
         nodes_used = {w["node"] for w in ready_actors(server.task_dir).values()}
         assert len(nodes_used) == 2  # one actor per worker node
