@@ -432,8 +432,8 @@ def test_claims_from_a_backlog_scan_once_and_read_each_sidecar_once(td, monkeypa
         drop(td, f"f{i:03d}.wav")
         sidecar(td, f"f{i:03d}.wav.json", '{"priority": %d}' % (i % 3))
     scans, reads = [], []
-    real_scan, real_prio = td.scan, td._sidecar_priority
-    monkeypatch.setattr(td, "scan", lambda *a: scans.append(1) or real_scan(*a))
+    real_scan, real_prio = td._ready_names, td._sidecar_priority
+    monkeypatch.setattr(td, "_ready_names", lambda *a: scans.append(1) or real_scan(*a))
     monkeypatch.setattr(td, "_sidecar_priority", lambda p: reads.append(p) or real_prio(p))
     td.rescan_after = 3600
     claimed = []

@@ -34,6 +34,7 @@ from typing import Any, Callable, Protocol
 from loguru import logger
 
 from transcribe.config import Config
+from transcribe.core import fault_injection
 from transcribe.core.errors import ConfigError
 from transcribe.core.fsio import now_iso, write_atomic
 from transcribe.core.metrics import PoolMetrics, worker_states
@@ -428,6 +429,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
+        fault_injection.exempt()
         self.td.check_one_filesystem()
         self._lock_fd = self.td.acquire_server_lock()
         os.umask(self.cfg.pool.umask)

@@ -149,9 +149,10 @@ class Lease:
 class _ScanCache:
     """One process's view of the inbox: candidates from the last scan, claimed from until empty."""
 
-    queue: collections.deque[Path] = field(default_factory=collections.deque)
+    queue: collections.deque[str] = field(default_factory=collections.deque)
     scanned_at: float = float("-inf")  # time.monotonic()
     priorities: dict[tuple[str, int, int], int] = field(default_factory=dict)  # (name, mtime_ns, size)
+    settled: dict[str, os.stat_result] = field(default_factory=dict)  # non-directories already seen settled
     unclaimable: dict[str, int] = field(default_factory=dict)  # name -> mtime_ns: left alone until it changes
 
 
@@ -266,55 +267,65 @@ class TaskDir:
 
     # ------------------------------------------------------------------ scanning and claiming
     def scan(self, now: float | None = None) -> list[Path]:
-        """Inbox entries ready to claim, best first: priority (high first), then oldest first.
+        """Inbox entries ready to claim, best first: priority (high first), then oldest first."""
+        return [self.inbox / name for name in self._ready_names(now)]
 
-        One ``scandir`` and one ``lstat`` per entry; sidecars are found in the same listing and their
-        priority is cached by (name, mtime, size), so a pass is O(N) with no re-reads. An audio file is
-        ready once it and its sidecar (if any) have been still for `settle_seconds`.
+    def _ready_names(self, now: float | None = None) -> list[str]:
+        """The names of `scan`, cheaply enough for 10,000 waiting files.
+
+        One ``scandir``, and an ``lstat`` only for entries not already seen settled (a claim re-checks the
+        entry it takes, so a stale cached stat costs a skipped claim, never a wrong one); sidecars are found
+        in the same listing and their priority is cached by (name, mtime, size): a pass is O(N) with no
+        re-reads. An audio file is ready once it and its sidecar (if any) have been still `settle_seconds`.
         """
         now = time.time() if now is None else now
+        cache, settle = self._scan, self.settle_seconds
+        stats: dict[str, os.stat_result] = {}
         try:
             with os.scandir(self.inbox) as it:
-                entries = list(it)
+                for entry in it:
+                    st = cache.settled.get(entry.name)
+                    if st is None:
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue  # gone since the listing (claimed by someone else)
+                    stats[entry.name] = st
         except OSError as e:
             if not isinstance(e, FileNotFoundError):
                 logger.error("cannot list {}: {} ({})", self.inbox, e.strerror, errno_name(e))
             return []
-        stats: dict[str, os.stat_result] = {}
-        for entry in entries:
-            try:
-                stats[entry.name] = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # gone since the listing (claimed by someone else)
-        cache, ready = self._scan, []
+        cache.settled = {name: st for name, st in stats.items()
+                         if not stat.S_ISDIR(st.st_mode) and now - st.st_mtime >= settle}
+        settled, priorities, unclaimable = cache.settled, cache.priorities, cache.unclaimable
         seen_priorities: dict[tuple[str, int, int], int] = {}
+        ready: list[tuple[int, float, str]] = []
         for name, st in stats.items():
-            if not _is_candidate(name) or cache.unclaimable.get(name) == st.st_mtime_ns:
+            if name[0] == "." or name.lower().endswith(IGNORED_SUFFIXES) or unclaimable.get(name) == st.st_mtime_ns:
                 continue
-            path = self.inbox / name
-            if stat.S_ISDIR(st.st_mode):
-                if not name.endswith(JOB_SUFFIX):
-                    continue
+            if name not in settled:
+                if not (stat.S_ISDIR(st.st_mode) and name.endswith(JOB_SUFFIX)):
+                    continue  # still being written (its mtime moves with every write), or not a job
                 key = (name, st.st_mtime_ns, 0)
-                priority = cache.priorities.get(key)
+                priority = priorities.get(key)
                 if priority is None:
-                    priority = self._job_dir_priority(path)
+                    priority = self._job_dir_priority(self.inbox / name)
             else:
-                if now - st.st_mtime < self.settle_seconds:
-                    continue  # still being written: its mtime moves with every write
                 side_name = self._sidecar_name(name, stats)
-                side = stats.get(side_name) if side_name else None
-                if side is not None and now - side.st_mtime < self.settle_seconds:
-                    continue  # its sidecar is still being written
-                key = (side_name or name, side.st_mtime_ns if side else 0, side.st_size if side else -1)
-                priority = cache.priorities.get(key)
+                key = (name, 0, -1)
+                if side_name is not None:
+                    side = stats[side_name]
+                    if side_name not in settled:
+                        continue  # its sidecar is still being written
+                    key = (side_name, side.st_mtime_ns, side.st_size)
+                priority = priorities.get(key)
                 if priority is None:
                     priority = self._sidecar_priority(self.inbox / side_name) if side_name else 0
             seen_priorities[key] = priority
-            ready.append((-priority, st.st_mtime, name, path))
+            ready.append((-priority, st.st_mtime, name))
         cache.priorities = seen_priorities  # forget entries that are gone: the cache never grows unbounded
-        ready.sort(key=lambda t: t[:3])
-        return [t[3] for t in ready]
+        ready.sort()
+        return [t[2] for t in ready]
 
     candidates = scan  # the name older callers use
 
@@ -366,6 +377,7 @@ class TaskDir:
         if is_job_dir and not entry.name.endswith(JOB_SUFFIX):
             return None
         if not is_job_dir and time.time() - st.st_mtime < self.settle_seconds:
+            self._scan.settled.pop(entry.name, None)
             return None  # written to since the scan: not settled after all
         job_id = entry.name[: -len(JOB_SUFFIX)] if is_job_dir else new_job_id(entry.name)
         lease = self.take_lease(job_id, {"worker": worker_id, "pid": os.getpid(), "started": now_iso(),
@@ -445,10 +457,10 @@ class TaskDir:
         logged, and the entry (or, for a full disk, the pass) is skipped."""
         cache = self._scan
         if not cache.queue or time.monotonic() - cache.scanned_at > self.rescan_after:
-            cache.queue = collections.deque(self.scan())
+            cache.queue = collections.deque(self._ready_names())
             cache.scanned_at = time.monotonic()
         while cache.queue:
-            entry = cache.queue.popleft()
+            entry = self.inbox / cache.queue.popleft()
             try:
                 job = self.claim(entry, worker_id)
             except OSError as e:
@@ -581,9 +593,11 @@ class TaskDir:
         }
         write_atomic(job.dir / ERROR_FILE, dumps_json(info, indent=2), job.dir, self.file_mode)
         target = self.failed / job.job_id
+        crash_point("fail.before_rename")
         os.rename(job.dir, target)
         with contextlib.suppress(OSError):
             fsync_dir(self.failed)
+        crash_point("fail.after_rename")
         job.lease.drop()
         logger.warning("job {} failed: {} ({})", record.job_id, error.get("reason"), error.get("message"))
         return target
@@ -606,9 +620,11 @@ class TaskDir:
             write_atomic(job.dir / JOB_FILE, record.to_json(), job.dir, self.file_mode)
         except OSError as e:  # a full disk must not strand the job: requeue it with the record as claimed
             logger.warning("job {}: cannot update job.json ({}); requeued with its record as claimed", job.job_id, e)
+        crash_point("requeue.before_rename")
         os.rename(job.dir, self.inbox / f"{job.job_id}{JOB_SUFFIX}")
         with contextlib.suppress(OSError):
             fsync_dir(self.inbox)
+        crash_point("requeue.after_rename")
         job.lease.drop()
         logger.info("job {} requeued (attempt {} of {}{}): {}", job.job_id, record.attempts, self.max_attempts,
                     "" if counted else ", not counted", error.get("reason"))
