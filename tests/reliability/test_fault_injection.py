@@ -41,7 +41,7 @@ def test_kill_at_every_step_recovers_live(pool_cfg, tmp_path):
     """A worker is killed (os._exit) once at every step of claim, commit, requeue and fail, in one running
     pool; the supervisor, running throughout, recovers each through its live sweep (no restart). Every job
     ends exactly once, and a committed job is never transcribed again."""
-    cfg_path, task_dir = pool_cfg(workers=1, max_attempts=10)
+    cfg_path, task_dir = pool_cfg(workers=1, max_attempts=10, respawn_backoff_max=1.0)
     points = [*CRASH_POINTS, *SETTLE_POINTS]
     once = tmp_path / "fired"
     env = {"TRANSCRIBE_CRASH_AT": ",".join(points), "TRANSCRIBE_CRASH_ONCE": str(once),
