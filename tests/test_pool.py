@@ -10,7 +10,6 @@ import time
 import pytest
 
 from tests.conftest import AUDIO, model_config, needs_shared, shared_audio, write_config
-from transcribe.core.pool.heartbeat import pid_alive
 from tests.support.pool_helpers import (
     Server,
     assert_exactly_once,
@@ -22,6 +21,7 @@ from tests.support.pool_helpers import (
     wait_until,
     workers_status,
 )
+from transcribe.core.pool.heartbeat import pid_alive
 
 pytestmark = needs_shared
 BOOT = 120  # seconds: importing FunASR in two workers at once on 2 cores
@@ -320,7 +320,7 @@ def test_three_sighups_during_one_long_job_do_not_fail_or_repeat_it(tmp_path, ti
         busy = wait_until(lambda: busy_worker(td), 30, "the long job in progress")
         for n in range(1, 4):
             srv.proc.send_signal(signal.SIGHUP)
-            wait_until(lambda: srv.output().count("config reloaded") >= n, 30, f"reload {n}")
+            wait_until(lambda n=n: srv.output().count("config reloaded") >= n, 30, f"reload {n}")
         assert list((td / "processing").iterdir()), "the job must still be running after the third reload"
         wait_until(lambda: results(td), 600, "the long job's result")
         wait_until(lambda: ready_workers(td, 1), BOOT, "a worker of the last config")

@@ -7,7 +7,13 @@ import signal
 
 import pytest
 
-from transcribe.core.pool.supervisor import MAX_BOOT_FAILURES, STABLE_AFTER, PoolCore, PoolParams, backoff
+from transcribe.core.pool.supervisor import (
+    MAX_BOOT_FAILURES,
+    STABLE_AFTER,
+    PoolCore,
+    PoolParams,
+    backoff,
+)
 from transcribe.core.pool.worker_process import EXIT_BOOT_FAILED, EXIT_OK
 
 
@@ -71,6 +77,16 @@ class World:
     def pids(self):
         return {s.worker_id: (s.proc.pid if s.proc else None) for s in self.core.slots}
 
+    def respawn_delay(self, worker_id):
+        """Kill the worker; how long until the core spawns its replacement."""
+        self.exit(worker_id, -9)
+        died = self.now
+        self.core.tick()
+        while self.pids()[worker_id] is None:
+            self.now += 0.25
+            self.core.tick()
+        return self.now - died
+
     def signalled(self, worker_id, sig):
         return (self.by_worker[worker_id].pid, sig) in self.signals
 
@@ -111,14 +127,8 @@ def test_crash_after_ready_respawns_with_exponential_backoff():
     delays = []
     for _ in range(6):
         pid = w.pids()["w1"]
-        w.exit("w1", -9)
-        died = w.now
-        w.core.tick()
-        while w.pids()["w1"] is None:
-            w.now += 0.25
-            w.core.tick()
+        delays.append(w.respawn_delay("w1"))
         assert w.pids()["w1"] != pid
-        delays.append(w.now - died)
         w.beat("w1")
         w.core.tick()
     assert delays == pytest.approx([backoff(i, 8) for i in range(1, 7)], abs=0.26)
@@ -126,13 +136,7 @@ def test_crash_after_ready_respawns_with_exponential_backoff():
     assert w.core.slots[0].restarts == 6 and not w.core.fatal
     # a worker that ran stably resets the backoff
     w.advance(STABLE_AFTER + 1, beating=["w1", "w2"])
-    w.exit("w1", -9)
-    died = w.now
-    w.core.tick()
-    while w.pids()["w1"] is None:
-        w.now += 0.25
-        w.core.tick()
-    assert w.now - died == pytest.approx(0.5, abs=0.26)
+    assert w.respawn_delay("w1") == pytest.approx(0.5, abs=0.26)
 
 
 def test_boot_failure_at_start_stops_the_pool_without_respawning():

@@ -362,7 +362,8 @@ def test_a_cross_device_claim_is_logged_and_skipped_not_fatal(td, monkeypatch):
 
     import transcribe.core.pool.task_dir as tdmod
 
-    bad, good = drop(td, "bad.wav", age=10), drop(td, "good.wav")
+    bad = drop(td, "bad.wav", age=10)
+    drop(td, "good.wav")
     real = os.rename
 
     def rename(src, dst):
@@ -430,7 +431,7 @@ def test_a_claim_rechecks_its_entry(td):
 def test_claims_from_a_backlog_scan_once_and_read_each_sidecar_once(td, monkeypatch):
     for i in range(200):
         drop(td, f"f{i:03d}.wav")
-        sidecar(td, f"f{i:03d}.wav.json", '{"priority": %d}' % (i % 3))
+        sidecar(td, f"f{i:03d}.wav.json", json.dumps({"priority": i % 3}))
     scans, reads = [], []
     real_scan, real_prio = td._ready_names, td._sidecar_priority
     monkeypatch.setattr(td, "_ready_names", lambda *a: scans.append(1) or real_scan(*a))

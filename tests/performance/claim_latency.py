@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from transcribe.core.pool.task_dir import TaskDir  # noqa: E402
+from transcribe.core.pool.task_dir import TaskDir
 
 
 def fill(td: TaskDir, n: int) -> None:
@@ -35,7 +35,7 @@ def fill(td: TaskDir, n: int) -> None:
         os.utime(p, (old + i * 1e-3,) * 2)
         if i % 3 == 0:
             side = td.inbox / f"call-{i:06d}.wav.json"
-            side.write_text('{"priority": %d}' % (i % 5))
+            side.write_text(json.dumps({"priority": i % 5}))
             os.utime(side, (old,) * 2)
 
 

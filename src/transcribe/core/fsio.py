@@ -8,9 +8,10 @@ import contextlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 NAME_MAX = 255  # bytes in one path component on every filesystem we serve (ext4, xfs, btrfs, apfs, zfs)
 
@@ -34,6 +35,10 @@ def printable(text: str) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
+        pass
+    try:  # a name from os.fsdecode: each undecodable byte becomes one U+FFFD
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 

@@ -8,7 +8,6 @@ stays visibly alive through a long model call; a job that makes no progress for
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import resource
 import select
@@ -16,14 +15,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
 from transcribe.core.engine.result import Result
-from transcribe.core.fsio import now_iso, write_atomic
+from transcribe.core.fsio import dumps_json, now_iso, write_atomic
 
 
 @dataclass
@@ -69,7 +69,7 @@ class WorkerStatus:
         return round(self.rtf_sum / self.jobs_done, 5) if self.jobs_done else None
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "mean_rtf": self.mean_rtf}, ensure_ascii=False)
+        return dumps_json({**asdict(self), "mean_rtf": self.mean_rtf})
 
 
 def current_rss_mb() -> float:
@@ -184,7 +184,10 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
-            self.beat()
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - a dead heartbeat thread would get a healthy worker killed
+                logger.opt(exception=exc).error("heartbeat failed: {}", exc)
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -4,8 +4,8 @@ claimer that lost its job (it was recovered and claimed again) commits nothing: 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from loguru import logger
 

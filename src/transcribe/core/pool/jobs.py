@@ -141,7 +141,7 @@ class JobRecord:
         return dumps_json(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "JobRecord":
+    def from_json(cls, text: str) -> JobRecord:
         d = json.loads(text)
         return cls(job_id=str(d["job_id"]), original_name=name_from_json(d, "original_name"),
                    audio_name=name_from_json(d, "audio_name"), created=str(d["created"]),
@@ -159,7 +159,7 @@ class Job:
 
     dir: Path
     record: JobRecord
-    lease: "Lease | None" = None
+    lease: Lease | None = None
 
     @property
     def job_id(self) -> str:

@@ -27,9 +27,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 
@@ -73,7 +74,7 @@ class PoolParams:
     respawn_backoff_max: float = 30.0
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "PoolParams":
+    def from_config(cls, cfg: Config) -> PoolParams:
         p = cfg.pool
         return cls(p.heartbeat_timeout, p.boot_timeout, p.shutdown_timeout, p.graceful_timeout,
                    p.respawn_backoff_max)
@@ -532,8 +533,7 @@ class Supervisor:
         self.cfg = cfg
         self.td.settle_seconds, self.td.max_attempts = cfg.pool.settle_seconds, cfg.pool.max_attempts
         core.reload(devices, PoolParams.from_config(cfg))
-        self.configs = {g: c for g, c in self.configs.items() if g >= core.generation - 1}
-        self.configs[core.generation] = cfg
+        self.configs[core.generation] = cfg  # kept: a reload that cannot boot reverts to an older one
         logger.info("SIGHUP: config reloaded; {} new workers start, then the old ones drain", len(core.slots))
 
     # ------------------------------------------------------------------ processes

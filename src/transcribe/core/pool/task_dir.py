@@ -50,9 +50,10 @@ import shutil
 import stat
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from loguru import logger
 
@@ -74,6 +75,7 @@ from transcribe.core.pool.jobs import (
 STATES = ("inbox", "tmp", "processing", "done", "failed")
 JOB_SUFFIX = ".job"  # a requeued or submitted job in inbox/: a directory holding audio + job.json
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", ".json")
+SIDECAR_SUFFIXES = (".json",)
 JOB_FILE, LEASE_FILE, SIDECAR_FILE, ERROR_FILE = "job.json", "lease.json", "sidecar.json", "error.json"
 STATUS_DIR, LEASES_DIR = "workers", "leases"
 TMP_MAX_AGE = 24 * 3600.0  # tmp/ entries older than this are leftovers of a crash, swept by the supervisor
@@ -153,6 +155,8 @@ class _ScanCache:
     scanned_at: float = float("-inf")  # time.monotonic()
     priorities: dict[tuple[str, int, int], int] = field(default_factory=dict)  # (name, mtime_ns, size)
     settled: dict[str, os.stat_result] = field(default_factory=dict)  # non-directories already seen settled
+    ready: dict[str, tuple[int, float, str]] = field(default_factory=dict)  # name -> sort key, from the last scan
+    sidecars: dict[str, int] = field(default_factory=dict)  # sidecar name -> mtime_ns, from the last scan
     unclaimable: dict[str, int] = field(default_factory=dict)  # name -> mtime_ns: left alone until it changes
 
 
@@ -176,7 +180,7 @@ class TaskDir:
         self._scan = _ScanCache()
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "TaskDir":
+    def from_config(cls, cfg: Any) -> TaskDir:
         p = cfg.pool
         return cls(cfg.resolve_path(p.task_dir), settle_seconds=p.settle_seconds, max_attempts=p.max_attempts,
                    max_sidecar_bytes=p.max_sidecar_bytes, umask=p.umask,
@@ -185,7 +189,7 @@ class TaskDir:
     def folders(self) -> list[Path]:
         return [self.root, *(self.root / s for s in STATES), self.workers, self.leases]
 
-    def ensure(self) -> "TaskDir":
+    def ensure(self) -> TaskDir:
         for d in self.folders():
             d.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
         return self
@@ -199,6 +203,13 @@ class TaskDir:
                 devices[d] = os.stat(d).st_dev
             except OSError as e:
                 raise TranscribeError(f"cannot use task dir folder {d}: {e.strerror}") from None
+        try:  # job leases are flocks: a filesystem without them (some network mounts) cannot fence jobs
+            probe = self.take_lease(".probe")
+            if probe is not None:
+                probe.drop()
+        except OSError as e:
+            raise TranscribeError(f"{self.leases} does not support file locks ({e.strerror}); job leases need them: "
+                                  f"put pool.task_dir on a local filesystem (or NFSv4 with locking)") from None
         root_dev = devices[self.root]
         apart = [d for d, dev in devices.items() if dev != root_dev]
         if apart:
@@ -273,33 +284,48 @@ class TaskDir:
     def _ready_names(self, now: float | None = None) -> list[str]:
         """The names of `scan`, cheaply enough for 10,000 waiting files.
 
-        One ``scandir``, and an ``lstat`` only for entries not already seen settled (a claim re-checks the
-        entry it takes, so a stale cached stat costs a skipped claim, never a wrong one); sidecars are found
-        in the same listing and their priority is cached by (name, mtime, size): a pass is O(N) with no
-        re-reads. An audio file is ready once it and its sidecar (if any) have been still `settle_seconds`.
+        One ``scandir``. An entry found ready by an earlier scan keeps its place (no stat, no sidecar read)
+        unless a sidecar of its name appeared or changed since; the rest get an ``lstat`` unless already seen
+        settled, and a sidecar's priority is read once per (name, mtime, size). A claim re-checks the entry
+        it takes, so a stale view costs a skipped claim, never a wrong one. An audio file is ready once it
+        and its sidecar (if any) have been still for `settle_seconds`.
         """
         now = time.time() if now is None else now
         cache, settle = self._scan, self.settle_seconds
-        stats: dict[str, os.stat_result] = {}
+        kept: dict[str, tuple[int, float, str]] = {}
+        fresh: dict[str, os.DirEntry[str]] = {}
         try:
             with os.scandir(self.inbox) as it:
                 for entry in it:
-                    st = cache.settled.get(entry.name)
-                    if st is None:
-                        try:
-                            st = entry.stat(follow_symlinks=False)
-                        except OSError:
-                            continue  # gone since the listing (claimed by someone else)
-                    stats[entry.name] = st
+                    key = cache.ready.get(entry.name)
+                    if key is None:
+                        fresh[entry.name] = entry
+                    else:
+                        kept[entry.name] = key
         except OSError as e:
             if not isinstance(e, FileNotFoundError):
                 logger.error("cannot list {}: {} ({})", self.inbox, e.strerror, errno_name(e))
             return []
+        stats: dict[str, os.stat_result] = {}
+        for name, entry in fresh.items():
+            st = cache.settled.get(name)
+            if st is None:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone since the listing (claimed by someone else)
+            stats[name] = st
+        sidecars = {n: st.st_mtime_ns for n, st in stats.items() if n.lower().endswith(SIDECAR_SUFFIXES)}
+        changed = {n.rsplit(".", 1)[0] for n, m in sidecars.items() if cache.sidecars.get(n) != m}
+        if changed:  # a sidecar appeared or changed: its audio is looked at again (priority, settle)
+            for name in [n for n in kept if n in changed or n.rsplit(".", 1)[0] in changed]:
+                del kept[name]
+                with contextlib.suppress(OSError):
+                    stats[name] = os.lstat(self.inbox / name)
         cache.settled = {name: st for name, st in stats.items()
                          if not stat.S_ISDIR(st.st_mode) and now - st.st_mtime >= settle}
         settled, priorities, unclaimable = cache.settled, cache.priorities, cache.unclaimable
         seen_priorities: dict[tuple[str, int, int], int] = {}
-        ready: list[tuple[int, float, str]] = []
         for name, st in stats.items():
             if name[0] == "." or name.lower().endswith(IGNORED_SUFFIXES) or unclaimable.get(name) == st.st_mtime_ns:
                 continue
@@ -322,10 +348,9 @@ class TaskDir:
                 if priority is None:
                     priority = self._sidecar_priority(self.inbox / side_name) if side_name else 0
             seen_priorities[key] = priority
-            ready.append((-priority, st.st_mtime, name))
-        cache.priorities = seen_priorities  # forget entries that are gone: the cache never grows unbounded
-        ready.sort()
-        return [t[2] for t in ready]
+            kept[name] = (-priority, st.st_mtime, name)
+        cache.priorities, cache.ready, cache.sidecars = seen_priorities, kept, sidecars
+        return [key[2] for key in sorted(kept.values())]
 
     candidates = scan  # the name older callers use
 
@@ -377,7 +402,7 @@ class TaskDir:
         if is_job_dir and not entry.name.endswith(JOB_SUFFIX):
             return None
         if not is_job_dir and time.time() - st.st_mtime < self.settle_seconds:
-            self._scan.settled.pop(entry.name, None)
+            self._forget(entry.name)
             return None  # written to since the scan: not settled after all
         job_id = entry.name[: -len(JOB_SUFFIX)] if is_job_dir else new_job_id(entry.name)
         lease = self.take_lease(job_id, {"worker": worker_id, "pid": os.getpid(), "started": now_iso(),
@@ -426,11 +451,15 @@ class TaskDir:
         except OSError:
             self._unclaim(job, entry, is_job_dir, side_name)
             raise
-        problem = name_problem(record.audio_name if is_job_dir else entry.name)
+        problem = name_problem(entry.name) or (name_problem(record.audio_name) if is_job_dir else None)
         if problem is not None:
             reason, message = problem
-            self.fail(job, {"reason": reason, "error_type": "UnprocessableName", "message": message,
-                            "retryable": False}, worker_id)
+            try:
+                self.fail(job, {"reason": reason, "error_type": "UnprocessableName", "message": message,
+                                "retryable": False}, worker_id)
+            except OSError:
+                lease.abandon()  # left in processing/, unleased: the sweep settles it later
+                raise
             return None
         return job
 
@@ -485,6 +514,12 @@ class TaskDir:
                      f"; {hint}" if hint else "")
         with contextlib.suppress(OSError):
             self._scan.unclaimable[entry.name] = os.lstat(entry).st_mtime_ns
+        self._forget(entry.name)
+
+    def _forget(self, name: str) -> None:
+        """Drop what the scan cache knows of `name`: the next scan looks at it afresh."""
+        self._scan.settled.pop(name, None)
+        self._scan.ready.pop(name, None)
 
     def _read_record(self, job_dir: Path) -> JobRecord:
         """job.json, or one rebuilt from the dir (a crash right after the claim rename leaves none)."""
@@ -559,9 +594,15 @@ class TaskDir:
         with contextlib.suppress(OSError):  # durability of the commit; the rename itself already happened
             fsync_dir(self.done)
         crash_point("result.after_rename")
-        self._finish_done(job.dir, keep_audio)
-        crash_point("cleanup.after")
         assert job.lease is not None
+        try:
+            self._finish_done(job.dir, keep_audio)
+        except OSError as e:  # committed: never requeue it; the sweep finishes the cleanup
+            logger.warning("job {}: committed, but its folder could not be archived ({}); left for the sweep",
+                           job.job_id, e)
+            job.lease.abandon()
+            return result_path
+        crash_point("cleanup.after")
         job.lease.drop()
         return result_path
 
