@@ -442,3 +442,14 @@ def test_claims_from_a_backlog_scan_once_and_read_each_sidecar_once(td, monkeypa
         claimed.append(job.record.original_name)
     assert len(claimed) == 200 and len(scans) == 2 and len(reads) == 200  # the 2nd scan finds it empty
     assert all(int(n[1:4]) % 3 == 2 for n in claimed[:66]) and claimed[:66] == sorted(claimed[:66])
+
+
+def test_a_rescan_sees_new_files_late_sidecars_and_gone_entries(td):
+    a, b = drop(td, "a.wav", age=10), drop(td, "b.wav", age=5)
+    assert td.candidates() == [a, b]
+    sidecar(td, "b.json", '{"priority": 9}')  # a late stem sidecar raises b's priority
+    c = drop(td, "c.wav", age=3)
+    assert td.candidates() == [b, a, c]
+    a.unlink()
+    sidecar(td, "c.wav.json", '{"priority": -1}')
+    assert td.candidates() == [b, c]

@@ -1,28 +1,41 @@
-"""Command line: `transcribe run | serve | submit | status | retry | models | devices`.
+"""Command line: `transcribe run | serve | submit | status | retry | models | doctor | devices`.
 
 Every command loads `config.json` (or --config FILE, or $TRANSCRIBE_CONFIG), applies
-TRANSCRIBE__SECTION__KEY environment overrides, then its own flags. Errors print one line saying
-what is wrong and how to fix it; exit codes: 0 ok, 1 a job/file failed, 2 bad usage or config,
-3 the server could not start, 130 interrupted.
+TRANSCRIBE__SECTION__KEY environment overrides, then its own flags. --config and --log-level are
+accepted before or after the command name (after wins). Flag values are checked by the flag's own
+parser, so a bad one is reported as ``argument --device: ...``, never as a config-file error. Errors
+print one line saying what is wrong and how to fix it; exit codes: 0 ok, 1 a job/file failed,
+2 bad usage or config, 3 the server could not start, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from transcribe import __version__
-from transcribe.config import OUTPUT_FORMATS, Config, load_config, validate_formats
+from transcribe.config import (
+    OUTPUT_FORMATS,
+    Config,
+    check_bind,
+    check_device,
+    describe_validation_errors,
+    load_config,
+    parse_workers,
+    validate_formats,
+)
 from transcribe.core.errors import ConfigError, TranscribeError
 
 EPILOG = """\
 examples:
   transcribe run meeting.wav -o out --format srt,json --speakers 2
+  transcribe run --config prod.json call.mp3 --hotwords "FunASR,Paraformer"
   transcribe serve --mode pool --workers 2 --task-dir tasks
   transcribe submit call.mp3 --speakers 2 --wait
   transcribe status
@@ -30,113 +43,235 @@ examples:
 
 configuration: config.json in the current directory, --config FILE or $TRANSCRIBE_CONFIG;
 override any key with TRANSCRIBE__SECTION__KEY=value (e.g. TRANSCRIBE__FUNASR__DEVICE=cpu).
+--config and --log-level go before or after the command name.
 docs: docs/quickstart.md, docs/configuration.md
 """
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+COMMAND_HELP: dict[str, tuple[str, str]] = {
+    # command: (one line for `transcribe --help`, the description for `transcribe COMMAND --help`)
+    "run": ("transcribe files now, in this process (model loaded once)",
+            ("Transcribe FILEs in this process and write one output per format, named after each\n"
+             "input (call.wav -> call.json). Inputs that share a name get distinct outputs\n"
+             "(real.mp3 -> real.mp3.json, d1/call.wav -> d1_call.wav.json). Every input is checked\n"
+             "before the models load; other files go on when one fails; exit 1 if any failed.\n"
+             "A log file is written only when logging.dir is set in the configuration.")),
+    "serve": ("serve a task directory: drop audio into inbox/, get results in done/",
+              ("Serve the task directory until SIGTERM/SIGINT (running jobs finish within\n"
+               "pool.shutdown_timeout). SIGHUP reloads the config and replaces workers one by one\n"
+               "(docs/operations.md says which keys a reload applies). See docs/task-directory.md.")),
+    "submit": ("queue files into the task directory (safely, via tmp/)",
+               ("Copy FILEs into the task directory as complete jobs: each is staged in tmp/ and\n"
+                "renamed into inbox/, so a server never sees half a file. Every FILE is checked\n"
+                "before any is queued. Prints each job id; with --wait, waits and prints the result\n"
+                "path or the failure reason (exit 1 if any failed). If no server serves the task\n"
+                "directory, --wait says so and keeps waiting (a server started later picks the\n"
+                "jobs up); --timeout bounds the wait.")),
+    "status": ("queue counts and workers (works while the server is down)",
+               ("Show whether a server (pool or lock mode) serves the task directory, the jobs\n"
+                "per folder (inbox, processing, done, failed), the oldest waiting job, and each\n"
+                "running worker: pid, device, state, current job with its elapsed time and stage,\n"
+                "jobs it finished into done/ and failed/, mean RTF, memory. Read from the task\n"
+                "directory alone. Exit 2 if the task directory does not exist.")),
+    "retry": ("move failed jobs back to the inbox, attempts reset",
+              ("Move failed jobs (by JOB id, the folder name under failed/, or --all) back to\n"
+               "inbox/ with their attempts reset; the previous error.json is kept in the job folder\n"
+               "as .error-<UTC time>.json (e.g. .error-2026-11-25T20-48-12.123Z.json).")),
+    "models": ("list or download the configured models",
+               ("list: where each configured model resolves (local directory, hub cache, or needs\n"
+                "a download), without network. download: fill the hub cache (ModelScope, or\n"
+                "Hugging Face with funasr.hub=hf) for every configured alias; re-running resumes.\n"
+                "Copy the cache to offline machines.")),
+    "list": ("where each configured model resolves (no network)",
+             "Print each configured model's role, source (local, cached, remote) and folder or hub id."),
+    "download": ("fill the local cache for the configured models (resumable)",
+                 "Download every configured hub model into the local cache; local folders are skipped."),
+    "doctor": ("check versions, devices, models, ffmpeg and folders",
+               ("Check what `serve` needs: torch and funasr versions; CUDA devices (name, memory),\n"
+                "MPS, CPU threads; the device and dtype the config selects and why; the patches\n"
+                "that would apply; whether each configured model resolves locally with every file\n"
+                "FunASR needs (config, weights, tokens, CMVN) or its hub is reachable; ffmpeg;\n"
+                "whether the task and log dirs can be written (nothing is created). Exit 1 on any\n"
+                "problem that would stop serve.")),
+    "devices": ("the devices found and the one the config selects, with why",
+                ("Print, as JSON, the devices torch can use (cuda:N, mps, cpu), the device and dtype\n"
+                 "that funasr.device / device_priority / fallback_on_error / dtype select with the\n"
+                 "reason, and the selected device's name, memory and library versions.")),
+}
+
+
+def _flag(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type` from a checker that raises ValueError: argparse then blames the flag itself."""
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = check.__name__
+    return parse
+
+
+def _int_in(low: float, high: float, what: str) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if not low <= n <= high:
+            raise ValueError(f"{n} is out of range: {what}")
+        return n
+    return check
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{text} must be more than 0 seconds")
+    return value
+
 
 def _formats(text: str) -> list[str]:
+    return validate_formats([f for f in text.split(",") if f.strip()])
+
+
+def _speakers(text: str) -> int:
+    from transcribe.core.pool.jobs import check_speakers
+
     try:
-        return validate_formats([f for f in text.split(",") if f.strip()])
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number of speakers") from None
+    return check_speakers(n)
+
+
+def _hotword_list(text: str) -> list[str]:
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise ValueError("give one or more words, separated by commas: --hotwords 'FunASR,Paraformer'")
+    return words
+
+
+def _common_options(default: Any) -> argparse.ArgumentParser:
+    """--config and --log-level, for the top-level parser (default None) and every command's parser
+    (default SUPPRESS: a command's parser sets them only when given there, so the later one wins)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", metavar="FILE", default=default,
+                   help="configuration file (default: $TRANSCRIBE_CONFIG, else ./config.json if present); "
+                        "also accepted before the command name")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=default, type=str.upper,
+                   help="override logging.level for this command; also accepted before the command name")
+    return p
 
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
     """The per-job options `run` and `submit` share (a sidecar's keys)."""
-    parser.add_argument("--format", type=_formats, help=f"comma-separated, from {','.join(OUTPUT_FORMATS)} "
-                                                        "(default: output.formats)")
-    parser.add_argument("--speakers", type=int, metavar="N", help="number of speakers, if known")
-    parser.add_argument("--hotwords", nargs="+", metavar="WORD", help="words to favour (SeACo Paraformer)")
+    parser.add_argument("--format", type=_flag(_formats), metavar="FMT[,FMT...]",
+                        help=f"output formats, comma-separated, from {','.join(OUTPUT_FORMATS)} "
+                             "(default: output.formats)")
+    parser.add_argument("--speakers", type=_flag(_speakers), metavar="N",
+                        help="the number of speakers, 1 to 64, if known; leave it out for automatic detection. "
+                             "Needs a speaker model (funasr.spk_model)")
+    parser.add_argument("--hotwords", type=_flag(_hotword_list), metavar="WORD[,WORD...]",
+                        help="words to favour, as ONE comma-separated value (--hotwords 'FunASR,Paraformer'). "
+                             "Only SeACo/contextual Paraformer models use them (paraformer-zh does); with "
+                             "others a warning says they were ignored")
+    parser.add_argument("--hotword", action="append", metavar="WORD",
+                        help="one word to favour; repeat the flag for more (adds to --hotwords)")
+
+
+def _hotwords(args: argparse.Namespace) -> list[str] | None:
+    words = [*(args.hotwords or []), *(args.hotword or [])]
+    return list(dict.fromkeys(words)) or None
+
+
+def _add_task_dir(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--task-dir", metavar="DIR", help=f"the task directory {what} (default: pool.task_dir)")
+
+
+def _add_command(sub: Any, name: str) -> argparse.ArgumentParser:
+    summary, description = COMMAND_HELP[name]
+    return sub.add_parser(name, help=summary, description=description, parents=[_common_options(argparse.SUPPRESS)],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transcribe", description="Speech transcription with speaker labels, on FunASR.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[_common_options(None)])
     p.add_argument("--version", action="version", version=f"transcribe {__version__}")
-    p.add_argument("--config", metavar="FILE", help="configuration file (default: ./config.json if present)")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    run = sub.add_parser("run", help="transcribe files now, in this process (model loaded once)",
-                         description="Transcribe FILEs in this process and write one output per format. "
-                                     "Other files go on when one fails; the exit code is 1 if any failed.")
-    run.add_argument("files", nargs="+", metavar="FILE", type=Path)
-    run.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where outputs go (default: .)")
+    run = _add_command(sub, "run")
+    run.add_argument("files", nargs="+", metavar="FILE", type=Path, help="audio or video files")
+    run.add_argument("-o", "--output-dir", type=Path, default=Path("."), metavar="DIR",
+                     help="where outputs go (default: the current folder)")
     _add_job_options(run)
-    run.add_argument("--device", help="override funasr.device: auto, cuda, cuda:N, mps, cpu")
-    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--device", type=_flag(check_device), metavar="DEVICE",
+                     help="override funasr.device: auto, cuda, cuda:N, mps or cpu")
+    run.add_argument("--quiet", action="store_true", help="no progress display and no summary table")
     run.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
-    serve = sub.add_parser("serve", help="serve a task directory: drop audio into inbox/, get results in done/",
-                           description="Serve the task directory until SIGTERM/SIGINT (running jobs finish "
-                                       "within pool.shutdown_timeout). SIGHUP reloads the config and replaces "
-                                       "workers one by one. See docs/task-directory.md.")
+    serve = _add_command(sub, "serve")
     serve.add_argument("--mode", choices=["pool", "lock"], default="pool",
                        help="pool: N worker processes (default); lock: one in-process model, jobs one at a time")
-    serve.add_argument("--workers", help="worker count or 'auto' (default: pool.workers)")
-    serve.add_argument("--task-dir", help="task directory (default: pool.task_dir)")
+    serve.add_argument("--workers", type=_flag(parse_workers), metavar="N|auto",
+                       help="worker processes (pool mode): a whole number from 1, or auto (default: pool.workers)")
+    _add_task_dir(serve, "to serve; created if missing")
+    serve.add_argument("--http", type=_flag(check_bind), metavar="HOST:PORT",
+                       help="also serve the OpenAI-compatible HTTP API (POST /v1/audio/transcriptions; "
+                            "docs/http.md) on HOST:PORT, or PORT on 127.0.0.1 (default: http.bind)")
 
-    submit = sub.add_parser("submit", help="queue files into the task directory (safely, via tmp/)",
-                            description="Copy FILEs into the task directory as complete jobs: each is staged in "
-                                        "tmp/ and renamed into inbox/, so a server never sees half a file. "
-                                        "Prints each job id; with --wait, waits and prints the result path or "
-                                        "the failure reason (exit 1 if any failed).")
-    submit.add_argument("files", nargs="+", metavar="FILE", type=Path)
+    submit = _add_command(sub, "submit")
+    submit.add_argument("files", nargs="+", metavar="FILE", type=Path, help="audio or video files")
     _add_job_options(submit)
-    submit.add_argument("--priority", type=int, default=0, help="higher runs first (-100..100)")
-    submit.add_argument("--task-dir")
+    submit.add_argument("--priority", type=_flag(_int_in(-100, 100, "use -100 to 100")), default=0, metavar="P",
+                        help="-100 to 100; higher runs first (default: 0)")
+    _add_task_dir(submit, "to queue into; created if missing")
     submit.add_argument("--wait", action="store_true", help="wait and print each result path or failure reason")
-    submit.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    submit.add_argument("--timeout", type=_flag(_positive_seconds), metavar="SECONDS",
+                        help="with --wait: give up after this many seconds (exit 1; the jobs stay queued)")
 
-    status = sub.add_parser("status", help="queue counts and workers (works while the server is down)",
-                            description="Show jobs per folder (inbox, processing, done, failed), the oldest waiting "
-                                        "job, and each worker: pid, device, state, current job and its elapsed "
-                                        "time, jobs done, mean RTF, memory. Read from the task directory alone, "
-                                        "so it works whether or not the server runs.")
-    status.add_argument("--task-dir")
-    status.add_argument("--json", action="store_true")
+    status = _add_command(sub, "status")
+    _add_task_dir(status, "to inspect; must exist")
+    status.add_argument("--all", action="store_true", help="also list workers that are no longer running")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
 
-    retry = sub.add_parser("retry", help="move failed jobs back to the inbox, attempts reset",
-                           description="Move failed jobs (by JOB id, the folder name under failed/, or --all) back "
-                                       "to inbox/ with their attempts reset; the previous error.json is kept "
-                                       "in the job folder as .error-<time>.json.")
-    retry.add_argument("jobs", nargs="*", metavar="JOB")
+    retry = _add_command(sub, "retry")
+    retry.add_argument("jobs", nargs="*", metavar="JOB", help="job ids (folder names under failed/)")
     retry.add_argument("--all", action="store_true", help="every job in failed/")
-    retry.add_argument("--task-dir")
+    _add_task_dir(retry, "holding the failed jobs; must exist")
 
-    models = sub.add_parser("models", help="list or download the configured models",
-                            description="list: where each configured model resolves (local directory, hub cache, "
-                                        "or needs a download), without network. download: fill the hub cache "
-                                        "(ModelScope, or Hugging Face with funasr.hub=hf) for every configured "
-                                        "alias; re-running resumes. Copy the cache to offline machines.")
+    models = _add_command(sub, "models")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")
     msub.required = True
-    msub.add_parser("list", help="where each configured model resolves (no network)")
-    msub.add_parser("download", help="fill the local cache for the configured models (resumable)")
+    _add_command(msub, "list")
+    _add_command(msub, "download")
 
-    doctor = sub.add_parser("doctor", help="check versions, devices, models, ffmpeg and folders",
-                            description="Check what `serve` needs: torch and funasr versions; CUDA devices (name, "
-                                        "memory), MPS, CPU threads; the device and dtype the config selects and "
-                                        "why; the patches that would apply; whether each configured model "
-                                        "resolves locally (directory or cache) or its hub is reachable; ffmpeg; "
-                                        "task and log dirs writable. Exit 1 on any problem that would stop serve.")
+    doctor = _add_command(sub, "doctor")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    sub.add_parser("devices", help="the devices found and the one the config selects, with why",
-                   description="Print, as JSON, the devices torch can use (cuda:N, mps, cpu), the device and dtype "
-                               "that funasr.device / device_priority / fallback_on_error / dtype select with the "
-                               "reason, and the selected device's name, memory and library versions.")
+    _add_command(sub, "devices")
     return p
 
 
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
+    """The configuration with the command's flags applied; logging set for a one-shot command: warnings
+    and errors on stderr (or --log-level), no log file (`run` and `serve` set up their own)."""
+    from transcribe.logging_setup import setup_logging
+
     extra = dict(overrides or {})
-    if getattr(args, "log_level", None):
+    if args.log_level:
         extra["logging.level"] = args.log_level
     if getattr(args, "task_dir", None):
         extra["pool.task_dir"] = str(Path(args.task_dir).resolve())
-    return load_config(args.config, overrides=extra)
+    cfg = load_config(args.config, overrides=extra)
+    setup_logging(cfg, args.command, stderr_level=args.log_level or "WARNING", to_file=False)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TranscribeError as e:
-        print(f"transcribe: error: {e.message}", file=sys.stderr)
+        print(f"transcribe {args.command}: error: {e.message}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 3 if args.command == "serve" else 1
+    except OSError as e:  # a folder that cannot be created or read: one line, never a traceback
+        from loguru import logger
+
+        logger.opt(exception=e).debug("{} failed", args.command)  # the traceback, with --log-level DEBUG
+        where = f" {e.filename}" if e.filename else ""
+        print(f"transcribe {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
+        return 3 if args.command == "serve" else 1
     except KeyboardInterrupt:
         print("transcribe: interrupted", file=sys.stderr)
         return 130
@@ -155,45 +297,73 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from transcribe.core.run_files import run_files
 
-    overrides = {"funasr.device": args.device} if args.device else {}
-    cfg = _load(args, overrides)
+    cfg = _load(args, {"funasr.device": args.device} if args.device else {})
+    if args.speakers and not cfg.funasr.spk_model:
+        raise ConfigError("--speakers needs a speaker model, and funasr.spk_model is not set: set it "
+                          "(e.g. \"cam++\") or leave --speakers out")
     return run_files(cfg, args.files, args.output_dir, formats=args.format or cfg.output.formats,
-                     speakers=args.speakers, hotwords=args.hotwords, quiet=args.quiet, as_json=args.json)
+                     speakers=args.speakers, hotwords=_hotwords(args), quiet=args.quiet, as_json=args.json)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from transcribe.logging_setup import setup_logging
 
-    overrides: dict[str, Any] = {}
-    if args.workers:
-        overrides["pool.workers"] = args.workers if args.workers == "auto" else int(args.workers)
+    overrides: dict[str, Any] = {"pool.workers": args.workers} if args.workers else {}
+    if args.http:
+        overrides["http.bind"] = args.http
     cfg = _load(args, overrides)
-    if args.mode == "lock":
-        setup_logging(cfg, "lock-server")
-        from transcribe.core.pool.lock_server import serve_lock
+    setup_logging(cfg, "lock-server" if args.mode == "lock" else "supervisor")
+    with _http_api(cfg):
+        if args.mode == "lock":
+            from transcribe.core.pool.lock_server import serve_lock
 
-        return asyncio.run(serve_lock(cfg))
-    setup_logging(cfg, "supervisor")
-    from transcribe.core.pool.supervisor import Supervisor
+            return asyncio.run(serve_lock(cfg))
+        from transcribe.core.pool.supervisor import Supervisor
 
-    return Supervisor(cfg, config_path=args.config).run()
+        return Supervisor(cfg, config_path=args.config).run()
+
+
+def _http_api(cfg: Config) -> contextlib.AbstractContextManager[Any]:
+    """The HTTP API in a thread beside the serve loop, when http.bind (or --http) is set."""
+    if not cfg.http.bind:
+        return contextlib.nullcontext()
+    from transcribe.http.server import HttpServer
+
+    return HttpServer(cfg)
+
+
+def _existing_task_dir(cfg: Config) -> Any:
+    """The configured task directory, which must exist: reading or retrying never creates one from a typo."""
+    from transcribe.core.pool.task_dir import TaskDir
+
+    td = TaskDir.from_config(cfg)
+    if not td.root.is_dir():
+        raise ConfigError(f"task directory {td.root} does not exist: check --task-dir or pool.task_dir "
+                          "(`transcribe serve` and `transcribe submit` create it)")
+    return td
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from transcribe.core.pool.jobs import JobOptions
     from transcribe.core.pool.task_dir import TaskDir
+    from transcribe.core.run_files import check_input
 
     cfg = _load(args)
-    td = TaskDir.from_config(cfg).ensure()
     try:
-        options = JobOptions(speakers=args.speakers, hotwords=args.hotwords, formats=args.format,
+        options = JobOptions(speakers=args.speakers, hotwords=_hotwords(args), formats=args.format,
                              priority=args.priority)
-    except ValueError as e:
-        raise ConfigError(f"invalid job options: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(f"invalid job options: {'; '.join(describe_validation_errors(e, JobOptions))}") from None
+    for f in args.files:  # all of them before queuing any
+        check_input(f, cfg)
+    if args.speakers and not cfg.funasr.spk_model:
+        print("transcribe submit: warning: --speakers is ignored by a server without a speaker model, and "
+              "funasr.spk_model is not set in this configuration", file=sys.stderr)
+    td = TaskDir.from_config(cfg).ensure()
     ids = []
     for f in args.files:
-        if not f.is_file():
-            raise TranscribeError(f"{f}: no such file")
         ids.append(td.submit(f, options))
         print(ids[-1] if args.wait else f"queued {f.name} as {ids[-1]}")
     if not args.wait:
@@ -202,9 +372,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _wait_for(td: Any, ids: list[str], timeout: float | None) -> int:
+    from transcribe.core.status import server_state
+
     deadline = None if timeout is None else time.time() + timeout
     pending, failed = list(ids), 0
+    serving: bool | None = None
     while pending:
+        alive = bool(server_state(td).get("alive"))
+        if alive != serving:  # say so when no server runs, and again when that changes
+            if not alive:
+                print(f"transcribe submit: no server is serving {td.root}; the jobs wait in inbox/ until "
+                      f"`transcribe serve --task-dir {td.root}` runs. Still waiting (Ctrl-C stops waiting; the "
+                      "jobs stay queued).", file=sys.stderr)
+            elif serving is not None:
+                print("transcribe submit: a server is serving the task directory now", file=sys.stderr)
+            serving = alive
         for job_id in list(pending):
             where = td.find(job_id)
             if where and where[0] == "done":
@@ -216,7 +398,8 @@ def _wait_for(td: Any, ids: list[str], timeout: float | None) -> int:
                 pending.remove(job_id)
                 failed += 1
         if pending and deadline is not None and time.time() > deadline:
-            print(f"timed out waiting for {len(pending)} job(s): {', '.join(pending)}", file=sys.stderr)
+            print(f"timed out waiting for {len(pending)} job(s): {', '.join(pending)} (still queued)",
+                  file=sys.stderr)
             return 1
         if pending:
             time.sleep(0.2)
@@ -227,7 +410,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from transcribe.core.status import collect_status, print_status
 
     cfg = _load(args)
-    info = collect_status(cfg)
+    _existing_task_dir(cfg)
+    info = collect_status(cfg, include_gone=args.all)
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
     else:
@@ -236,10 +420,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from transcribe.core.pool.task_dir import TaskDir
-
     cfg = _load(args)
-    td = TaskDir.from_config(cfg).ensure()
+    td = _existing_task_dir(cfg)
     jobs = td.failed_ids() if args.all else args.jobs
     if not jobs:
         print("nothing to retry (name JOB ids, or --all)", file=sys.stderr)
@@ -282,10 +464,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from transcribe.core.doctor import print_report, run_checks
-    from transcribe.logging_setup import setup_logging
 
     cfg = _load(args)
-    setup_logging(cfg, "doctor", stderr_level="ERROR", to_file=False)
     report = run_checks(cfg)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
@@ -295,5 +475,4 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "serve": cmd_serve, "submit": cmd_submit, "status": cmd_status, "retry": cmd_retry,
-            "models": cmd_models, "devices": cmd_devices,
-            "doctor": cmd_doctor}
+            "models": cmd_models, "devices": cmd_devices, "doctor": cmd_doctor}

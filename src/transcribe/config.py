@@ -10,6 +10,7 @@ Validation errors name the key that is wrong (``pool.workers: ...``), never a tr
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -62,12 +63,7 @@ class FunasrConfig(_Section):
     @field_validator("device")
     @classmethod
     def _check_device(cls, v: str) -> str:
-        v = v.strip().lower()
-        if v in ("auto", "cuda", "mps", "cpu"):
-            return v
-        if v.startswith("cuda:") and v[5:].isdigit():
-            return v
-        raise ValueError("must be 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu'")
+        return check_device(v)
 
     @field_validator("device_priority")
     @classmethod
@@ -108,6 +104,12 @@ class PoolConfig(_Section):
     respawn_backoff_max: float = Field(default=30.0, gt=0)
     max_sidecar_bytes: int = Field(default=64 * 1024, gt=0)
     umask: int = Field(default=0o027, ge=0, le=0o777)
+
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, v: Any) -> int | str:
+        return parse_workers(v)
 
 
 class OutputConfig(_Section):
@@ -151,6 +153,54 @@ class MetricsConfig(_Section):
     textfile: str | None = None
 
 
+class HttpConfig(_Section):
+    """The HTTP API (`http.*`, docs/http.md), served by `serve` when `bind` or `--http` is set."""
+
+    bind: str | None = None  # "HOST:PORT"; None: no HTTP unless `serve --http`
+    max_upload_mb: float = Field(default=1024, gt=0)
+    max_queue_depth: int = Field(default=1000, ge=1)  # jobs waiting or running; more get 503 + Retry-After
+    sync_timeout_s: float = Field(default=600.0, gt=0)  # POST /v1/audio/transcriptions waits this long
+    api_keys: list[str] = Field(default_factory=list)  # empty: no key needed
+
+    @field_validator("bind", mode="before")
+    @classmethod
+    def _check_bind(cls, v: Any) -> Any:
+        if v is None or not isinstance(v, (str, int)) or isinstance(v, bool):
+            return v  # None, or a type error that pydantic reports
+        return check_bind(str(v))  # also a bare port: TRANSCRIBE__HTTP__BIND=8000 parses as a number
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        # TRANSCRIBE__HTTP__API_KEYS=key1,key2 arrives as one string
+        return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: list[str]) -> list[str]:
+        if any(len(k) < 16 for k in v):
+            raise ValueError("each API key must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return v
+
+
+def check_bind(text: str) -> str:
+    """An `http.bind` value (also the `--http` flag), normalised: ``8000`` -> ``127.0.0.1:8000``."""
+    host, port = parse_bind(text)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``PORT`` (127.0.0.1) -> (host, port); ValueError says the form."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") if host.startswith("[") else host
+    if not host or (":" in host and not text.startswith("[")) or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8000, [::1]:8000 or 8000)")
+    return host, int(port)
+
+
 class Config(_Section):
     funasr: FunasrConfig = Field(default_factory=FunasrConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
@@ -159,12 +209,34 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     # Where the file came from: relative paths in it (models, task_dir, logs) resolve against it.
     base_dir: str = Field(default=".", exclude=True)
 
     def resolve_path(self, p: str) -> Path:
         path = Path(os.path.expanduser(p))
         return path if path.is_absolute() else Path(self.base_dir) / path
+
+
+def check_device(value: str) -> str:
+    """A `funasr.device` value (also the `--device` flag): auto, cuda, cuda:N, mps or cpu."""
+    v = value.strip().lower()
+    if v in ("auto", "cuda", "mps", "cpu") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise ValueError(f"{value!r} is not a device: use 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu'")
+
+
+def parse_workers(value: Any) -> int | str:
+    """A `pool.workers` value (also the `--workers` flag): a whole number from 1, or 'auto'."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+        if isinstance(value, (float, bool)) or n < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a worker count: use a whole number from 1, or 'auto'") from None
+    return n
 
 
 def validate_formats(formats: list[str]) -> list[str]:
@@ -204,15 +276,73 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     return merged
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """``pool.workers`` from pydantic's ``('pool', 'workers', "literal['auto']")``: field names (known or
+    not) while inside a model, list indexes; past a leaf field, strings are the union-member tags pydantic
+    adds, which mean nothing to a user."""
+    parts: list[str] = []
+    current: Any = model
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{p}]"]
+        elif current is not None:
+            parts.append(str(p))
+            field = getattr(current, "model_fields", {}).get(p)
+            ann = field.annotation if field else None
+            current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return ".".join(parts)
+
+
+_EXPECTED = {"int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
+             "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+             "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
+             "dict_type": "an object", "none_required": "null"}
+
+
+def describe_validation_errors(err: ValidationError, model: type[BaseModel],
+                               names: Mapping[str, str] | None = None) -> list[str]:
+    """One ``key: what is wrong`` per bad key, in words: no pydantic internals, union members merged.
+    `names` renames a key by where its value came from (``{"funasr.device": "TRANSCRIBE__FUNASR__DEVICE"}``)."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; docs/configuration.md lists every key)"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+        by_key.setdefault(_field_path(model, e["loc"]), []).append(e)
+    out = []
+    for key, errors in by_key.items():
+        shown = (names or {}).get(key.split("[")[0], key)
+        if any(e["type"] == "extra_forbidden" for e in errors):
+            known = sorted(getattr(_model_at(model, key.rsplit(".", 1)[0] if "." in key else ""), "model_fields", {}))
+            guess = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+            hint = f"did you mean {guess[0]!r}?" if guess else "check the spelling"
+            out.append(f"{shown}: unknown key ({hint})")
+            continue
+        if len(errors) > 1 or errors[0]["type"] in _EXPECTED or errors[0]["type"] == "literal_error":
+            wanted = []
+            for e in errors:
+                w = e.get("ctx", {}).get("expected") if e["type"] == "literal_error" else _EXPECTED.get(e["type"])
+                wanted.append(w or _message(e))
+            got = errors[0].get("input")
+            out.append(f"{shown or 'value'}: {got!r} is not valid: expected {' or '.join(dict.fromkeys(wanted))}")
+        else:
+            out.append(f"{shown or 'value'}: {_message(errors[0])}")
+    return out
+
+
+def _message(e: dict[str, Any]) -> str:
+    msg = str(e["msg"])
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _model_at(model: type[BaseModel], dotted: str) -> Any:
+    current: Any = model
+    for part in filter(None, dotted.split(".")):
+        fields = getattr(current, "model_fields", {})
+        current = fields[part].annotation if part in fields else None
+    return current
+
+
+def _format_validation_error(err: ValidationError, source: str, names: Mapping[str, str] | None = None) -> str:
+    """One line, every problem named: ``invalid configuration in x.json: pool.workers: ...; funasr.device: ...``."""
+    return f"invalid configuration in {source}: " + "; ".join(describe_validation_errors(err, Config, names))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -254,15 +384,19 @@ def load_config(
     """Load, override from the environment, then from `overrides` (CLI flags), and validate."""
     file = find_config_file(path)
     data: dict[str, Any] = _read_file(file) if file else {}
-    data = apply_env_overrides(data, os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    data = apply_env_overrides(data, env)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
     source = str(file) if file else "defaults"
+    # A bad value that came from the environment is named by its variable, not blamed on the file.
+    from_env = {".".join(k.lower() for k in name[len(ENV_PREFIX):].split("__") if k): name
+                for name in env if name.startswith(ENV_PREFIX)}
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, source, from_env)) from None
     cfg.base_dir = str(file.parent.resolve()) if file else str(Path.cwd())
     return cfg
 

@@ -13,23 +13,27 @@ from pathlib import Path
 from loguru import logger
 
 from transcribe.config import Config
+from transcribe.core.engine.model_store import is_funasr_noise
 
 _FORMAT = "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7}</level> | {extra[proc]} | {message}"
 
 
-# FunASR warns this on every model it builds from a local dir; it says nothing a user can act on.
-_NOISE = ("trust_remote_code: False",)
-
-
 class _InterceptHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() in _NOISE:
+        if is_funasr_noise(record):
             return
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
         logger.opt(depth=6, exception=record.exc_info).log(level, "[{}] {}", record.name, record.getMessage())
+
+
+def file_logging_configured(cfg: Config) -> bool:
+    """Whether the configuration names `logging.dir` itself (file, environment or override) rather than
+    leaving the default: one-shot commands such as `run` write a log file only then, so they never
+    create ``logs/`` in whatever folder they are run from."""
+    return "dir" in cfg.logging.model_fields_set
 
 
 def setup_logging(cfg: Config | None, name: str, *, stderr_level: str | None = None, to_file: bool = True) -> Path | None:

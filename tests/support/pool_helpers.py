@@ -30,9 +30,10 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str, interval: 
 class Server:
     """`python -m transcribe serve` in a new session: killpg reaches the supervisor and its workers."""
 
-    def __init__(self, config: Path, mode: str = "pool", workers: int = 2, env: dict | None = None) -> None:
+    def __init__(self, config: Path, mode: str = "pool", workers: int = 2, env: dict | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.log = config.parent / f"serve-{mode}-{int(time.time() * 1000)}.log"
-        cmd = [sys.executable, "-m", "transcribe", "--config", str(config), "serve", "--mode", mode]
+        cmd = [sys.executable, "-m", "transcribe", "--config", str(config), "serve", "--mode", mode, *args]
         if mode == "pool":
             cmd += ["--workers", str(workers)]
         self._log_file = open(self.log, "wb")

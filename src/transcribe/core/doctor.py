@@ -29,8 +29,15 @@ class Check:
 
 
 def _writable(path: Path) -> tuple[bool, str]:
+    """Whether `path` can be written, or created by `serve`; doctor itself creates nothing."""
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+            return True, f"{path} (does not exist yet; `serve` creates it)"
+        return False, f"{path}: cannot be created under {parent} (fix the permissions or point the config elsewhere)"
+    if not path.is_dir():
+        return False, f"{path}: exists but is not a folder (point the config elsewhere)"
     try:
-        path.mkdir(parents=True, exist_ok=True)
         probe = path / f".doctor-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -112,16 +119,18 @@ def run_checks(cfg: Config, reachable: Callable[[str], bool] = model_store.hub_r
 def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     v = report["versions"]
     console.print(f"transcribe {v['transcribe']} · python {v['python']} · torch {v['torch']} · funasr {v['funasr']}")
     table = Table(show_header=True)
-    for col in ("check", "", "detail"):
-        table.add_column(col)
+    table.add_column("check", overflow="fold", max_width=18)
+    table.add_column("", no_wrap=True)
+    table.add_column("detail", overflow="fold")
     for c in report["checks"]:
         mark = "[green]ok[/green]" if c["ok"] else ("[red]FAIL[/red]" if c["fatal"] else "[yellow]warn[/yellow]")
-        table.add_row(c["name"], mark, c["detail"])
+        table.add_row(Text(c["name"]), mark, Text(c["detail"]))  # paths may hold "[...]": not markup
     console.print(table)
     console.print("[green]ready to serve[/green]" if report["ok"] else
                   f"[red]{len(report['problems'])} problem(s) would stop `serve`[/red]")

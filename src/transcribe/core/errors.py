@@ -77,6 +77,13 @@ class TranscriptionError(TranscribeError):
     retryable = True
 
 
+class SpeakerCountError(TranscribeError):
+    """More speakers asked for than the audio can be split into (too few speech windows): the same
+    request fails the same way every time, so it is the user's to fix, not a retry."""
+
+    reason = "speakers_invalid"
+
+
 class TranscriptionTimeout(TranscribeError):
     reason = "timeout"
     retryable = True

@@ -26,7 +26,7 @@ RTF_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class PoolMetrics:
-    def __init__(self, td: TaskDir, path: Path) -> None:
+    def __init__(self, td: TaskDir, path: Path | None = None) -> None:
         self.td, self.path = td, path
         self.registry = CollectorRegistry()
         self.queue = Gauge("transcribe_queue_depth", "Jobs per task-directory folder", ["folder"],
@@ -52,6 +52,14 @@ class PoolMetrics:
                 continue
 
     def update(self, worker_states: list[str], restarts_total: int) -> None:
+        """Refresh, then write the text file."""
+        self.refresh(worker_states, restarts_total)
+        assert self.path is not None, "PoolMetrics.update writes a file: give it a path"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_to_textfile(str(self.path), self.registry)
+
+    def refresh(self, worker_states: list[str], restarts_total: int) -> None:
+        """Bring every metric up to date from the task directory (also what the HTTP /metrics serves)."""
         for folder, n in self.td.counts().items():
             self.queue.labels(folder=folder).set(n)
         self._observe_new_results()
@@ -59,8 +67,6 @@ class PoolMetrics:
             self.workers.labels(state=state).set(sum(s == state for s in worker_states))
         self.restarts.inc(max(0, restarts_total - self._restarts_seen))
         self._restarts_seen = restarts_total
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_to_textfile(str(self.path), self.registry)
 
 
 def worker_states(slots: list[Any]) -> list[str]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from transcribe.config import Config
@@ -11,10 +15,64 @@ from transcribe.core.pool.heartbeat import pid_alive
 from transcribe.core.pool.task_dir import TaskDir
 
 
-def collect_status(cfg: Config) -> dict[str, Any]:
+def server_lock_held(root: Path) -> int | None:
+    """The pid of the server holding ``<task_dir>/server.lock`` (pool or lock mode), or None.
+
+    Both modes take an exclusive flock on that file for their whole life and write their pid into it.
+    A shared, non-blocking flock on a separate descriptor fails exactly while one is held; the kernel
+    drops the lock when the holder dies, so this never reports a crashed server as running. The file
+    is opened read-only and never created.
+    """
+    try:
+        fd = os.open(root / "server.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with contextlib.suppress(OSError, ValueError):
+                return int(os.read(fd, 32).decode().strip() or 0) or -1
+            return -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def server_state(td: TaskDir) -> dict[str, Any]:
+    """Whether a server serves `td` now, its mode and pid (``{"alive": False}`` when none)."""
+    pid = server_lock_held(td.root)
+    info: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads((td.root / "supervisor.json").read_text(encoding="utf-8"))
+    if pid is not None:
+        pool = info.get("pid") == pid  # supervisor.json is written by the pool supervisor only
+        return {**(info if pool else {}), "alive": True, "pid": pid if pid > 0 else info.get("pid"),
+                "mode": "pool" if pool else "lock"}
+    return {**info, "alive": False}
+
+
+def _worker_row(w: dict[str, Any], age: float, now: float, heartbeat_timeout: float) -> dict[str, Any]:
+    alive = pid_alive(w.get("pid")) and w.get("state") not in ("exited", "boot_failed")
+    stale = age > heartbeat_timeout
+    state = w.get("state") if alive and not stale else ("stale" if alive else "gone")
+    started = w.get("job_started_ts")
+    return {
+        "worker_id": w.get("worker_id"), "pid": w.get("pid"), "device": w.get("device"), "state": state,
+        "job": w.get("job"), "job_elapsed_s": round(now - started, 1) if started and w.get("job") else None,
+        "job_stage": w.get("job_stage") if w.get("job") else None,
+        "jobs_done": w.get("jobs_done", 0), "jobs_failed": w.get("jobs_failed", 0),
+        "mean_rtf": w.get("mean_rtf"), "heartbeat_age_s": round(age, 1), "rss_mb": w.get("rss_mb"),
+    }
+
+
+def collect_status(cfg: Config, *, include_gone: bool = False) -> dict[str, Any]:
+    """Counts, server and workers. Workers whose process is gone (exited, replaced, crashed) are left
+    out unless `include_gone`: their status files stay for post-mortems, the list stays current."""
     td = TaskDir.from_config(cfg)
     now = time.time()
-    workers = []
+    workers, hidden = [], 0
     if td.workers.is_dir():
         for path in sorted(td.workers.glob("*.json")):
             try:
@@ -22,44 +80,45 @@ def collect_status(cfg: Config) -> dict[str, Any]:
                 age = now - path.stat().st_mtime
             except (OSError, ValueError):
                 continue
-            alive = pid_alive(w.get("pid")) and w.get("state") not in ("exited", "boot_failed")
-            stale = age > cfg.pool.heartbeat_timeout
-            state = w.get("state") if alive and not stale else ("stale" if alive else "gone")
-            started = w.get("job_started_ts")
-            workers.append({
-                "worker_id": w.get("worker_id"), "pid": w.get("pid"), "device": w.get("device"), "state": state,
-                "job": w.get("job"), "job_elapsed_s": round(now - started, 1) if started and w.get("job") else None,
-                "job_stage": w.get("job_stage") if w.get("job") else None,
-                "jobs_done": w.get("jobs_done", 0), "jobs_failed": w.get("jobs_failed", 0),
-                "mean_rtf": w.get("mean_rtf"), "heartbeat_age_s": round(age, 1), "rss_mb": w.get("rss_mb"),
-            })
-    server: dict[str, Any] = {}
-    try:
-        server = json.loads((td.root / "supervisor.json").read_text(encoding="utf-8"))
-        server["alive"] = pid_alive(server.get("pid")) and server.get("state") == "running"
-    except (OSError, ValueError):
-        server = {"alive": any(w["state"] not in ("gone", "stale") for w in workers)}
+            row = _worker_row(w, age, now, cfg.pool.heartbeat_timeout)
+            if row["state"] == "gone" and not include_gone:
+                hidden += 1
+                continue
+            workers.append(row)
     oldest = td.oldest_waiting()
     return {"task_dir": str(td.root), "counts": td.counts(), "oldest_waiting_s": round(oldest, 1) if oldest else None,
-            "server": server, "workers": workers}
+            "server": server_state(td), "workers": workers, "workers_gone_hidden": hidden}
 
 
 def print_status(info: dict[str, Any]) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
-    c = info["counts"]
-    up = "running" if info["server"].get("alive") else "not running"
-    console.print(f"task dir {info['task_dir']} — server {up}")
-    console.print(f"inbox {c['inbox']}  processing {c['processing']}  done {c['done']}  failed {c['failed']}"
+    c, server = info["counts"], info["server"]
+    up = (f"running ({server.get('mode', '?')} mode, pid {server.get('pid')})" if server.get("alive")
+          else "not running")
+    console.print(f"task dir {info['task_dir']}", overflow="fold", markup=False)
+    console.print(f"server {up}", markup=False)
+    console.print(f"jobs: inbox {c['inbox']}  processing {c['processing']}  done {c['done']}  failed {c['failed']}"
                   + (f"  (oldest waiting {info['oldest_waiting_s']}s)" if info["oldest_waiting_s"] else ""))
     if info["workers"]:
-        table = Table()
-        for col in ("worker", "pid", "device", "state", "job", "elapsed", "done", "failed", "mean RTF", "RSS MB"):
-            table.add_column(col)
+        # Narrow headers and folding cells: readable at 80 columns (job ids fold instead of turning into "2026…").
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, caption_justify="left",
+                      caption="done/failed: jobs this worker process finished into done/ or failed/ "
+                              "(requeued attempts not counted)")
+        for col in ("worker", "device", "state", "job", "elapsed", "done/failed", "RTF", "RSS MB"):
+            table.add_column(col, overflow="fold", min_width=len(col) if col != "job" else 10)
         for w in info["workers"]:
-            table.add_row(str(w["worker_id"]), str(w["pid"]), str(w["device"]), w["state"], w["job"] or "-",
-                          f"{w['job_elapsed_s']}s {w['job_stage'] or ''}" if w["job_elapsed_s"] is not None else "-", str(w["jobs_done"]),
-                          str(w["jobs_failed"]), str(w["mean_rtf"] or "-"), str(w["rss_mb"] or "-"))
+            elapsed = f"{w['job_elapsed_s']}s {w['job_stage'] or ''}" if w["job_elapsed_s"] is not None else "-"
+            rtf = f"{w['mean_rtf']:.3f}" if isinstance(w["mean_rtf"], (int, float)) else "-"
+            rss = f"{w['rss_mb']:.0f}" if isinstance(w["rss_mb"], (int, float)) and w["rss_mb"] else "-"
+            cells = (f"{w['worker_id']} pid {w['pid']}", w["device"], w["state"], w["job"] or "-", elapsed,
+                     f"{w['jobs_done']}/{w['jobs_failed']}", rtf, rss)
+            table.add_row(*(Text(str(cell)) for cell in cells))  # data from files: never rich markup
         console.print(table)
+    if info.get("workers_gone_hidden"):
+        n = info["workers_gone_hidden"]
+        console.print(f"{n} worker{'s' if n != 1 else ''} no longer running not shown (--all shows them)")

@@ -36,6 +36,7 @@ from transcribe.core.engine.patches import (
 from transcribe.core.engine.result import Result, segments_from_funasr
 from transcribe.core.errors import (
     ModelLoadError,
+    SpeakerCountError,
     TranscribeError,
     TranscriptionError,
     TranscriptionTimeout,
@@ -44,6 +45,9 @@ from transcribe.core.fault_injection import crash_point
 
 FAST_DIARIZATION_BATCH = 256  # CAM++ windows per forward call (1.5 s each: ~150 frames x 80 mels)
 FAST_DIARIZATION_MODELS = ("CAMPPlus",)
+# The ASR classes whose FunASR 1.4 `inference` reads the `hotword` argument (grep of funasr/models);
+# every other model ignores it silently (FunASRNano reads a different key, `hotwords`).
+HOTWORD_MODELS = ("SeacoParaformer", "ContextualParaformer")
 
 
 def build_automodel_kwargs(cfg: Config, device: DeviceChoice, refs: dict[str, model_store.ModelRef]) -> dict[str, Any]:
@@ -137,6 +141,8 @@ class Transcriber:
         self._time_stages()
         self._autocast_encoder()
         self.fast_diarization = self._enable_fast_diarization()
+        self.accepts_hotwords = type(getattr(self.model, "model", None)).__name__ in HOTWORD_MODELS
+        self._hotwords_warned = False
         logger.info("models loaded in {:.1f}s on {} (patches: {}; fast diarization: {})", self.load_time,
                     self.device.device, ", ".join(self.patches) or "none", self.fast_diarization)
 
@@ -250,6 +256,10 @@ class Transcriber:
                          batch_size_s: int | None = None, source_name: str | None = None,
                          started: float | None = None, decode_time: float = 0.0) -> Result:
         started = time.perf_counter() if started is None else started
+        if hotwords and not self.accepts_hotwords and not self._hotwords_warned:
+            self._hotwords_warned = True
+            logger.warning("hotwords ignored: the ASR model ({}) does not use them; only SeACo and contextual "
+                           "Paraformer models do (e.g. funasr.model: paraformer-zh)", type(self.model.model).__name__)
         kwargs = build_generate_kwargs(self.config, speakers=speakers, hotwords=hotwords, batch_size_s=batch_size_s)
         gen_start = time.perf_counter()
         try:
@@ -258,6 +268,10 @@ class Transcriber:
         except TranscribeError:
             raise
         except Exception as e:  # noqa: BLE001 - surfaced as a typed, retryable error with the cause
+            if speakers and "n_clusters" in str(e):  # sklearn's k-means: more clusters than CAM++ windows
+                raise SpeakerCountError(
+                    f"{source_name or 'input'}: cannot split into {speakers} speakers ({e}); give fewer "
+                    "speakers, or leave the count out for automatic detection") from e
             raise TranscriptionError(f"FunASR failed on {source_name or 'input'}: {type(e).__name__}: {e}") from e
         finished = time.perf_counter()
         text, segments, speakers_found = segments_from_funasr(output, audio.duration)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from transcribe.core.errors import ModelLoadError, ModelUnavailableError
 MODEL_ROLES = {"model": "asr", "vad_model": "vad", "punc_model": "punc", "spk_model": "spk"}
 HUB_NAMES = {"ms": "ModelScope", "hf": "Hugging Face"}
 HUB_HOSTS = {"ms": "www.modelscope.cn", "hf": "huggingface.co"}
+CMVN_FRONTENDS = ("WavFrontend", "WavFrontendOnline")
 
 
 @dataclass(frozen=True)
@@ -52,19 +54,47 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.isabs(name)
 
 
+# FunASR prints a four-line notice on import when no ffmpeg binary is on PATH ("Notice: ffmpeg is not
+# installed. torchaudio is used...", then install hints). It is false here: we decode audio ourselves,
+# through soundfile or the ffmpeg we find. So every line of it is dropped, never logged.
+_FALSE_NOTICE_WORD = "ffmpeg"
+
+
+# FunASR warns this on every model it builds; it says nothing a user can act on.
+FUNASR_NOISE = ("trust_remote_code: False",)
+
+
+def is_funasr_noise(record: logging.LogRecord) -> bool:
+    return record.getMessage() in FUNASR_NOISE
+
+
 @contextlib.contextmanager
 def quiet_funasr() -> Iterator[None]:
-    """Import or build FunASR with its prints kept off stdout.
+    """Import or build FunASR with its prints off stdout and its INFO logging muted.
 
-    FunASR prints "ffmpeg is not installed. torchaudio is used to load audio" on import and its
-    version when building a model; neither is true or useful here (we decode audio ourselves), and
-    stdout belongs to commands such as ``run --json`` and ``doctor --json``.
+    FunASR prints an ffmpeg notice on import and its version when building a model, and logs ~35
+    INFO lines per build (``download models from model hub: ms`` even for a local folder, ckpt
+    loading...). stdout belongs to commands such as ``run --json``; a Python API user did not ask
+    for those lines. The root logger is raised to WARNING for the block (FunASR logs through it)
+    and put back after; the prints are logged at TRACE, the false ffmpeg notice not at all.
     """
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        yield
-    if buffer.getvalue().strip():
-        logger.debug("funasr import said: {}", " ".join(buffer.getvalue().split()))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    drop_noise = logging.Filter()
+    drop_noise.filter = lambda record: not is_funasr_noise(record)  # type: ignore[method-assign]
+    root.addFilter(drop_noise)
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        root.setLevel(level)
+        root.removeFilter(drop_noise)
+    said = [line.strip() for line in buffer.getvalue().splitlines()
+            if line.strip() and _FALSE_NOTICE_WORD not in line]
+    if said:
+        logger.trace("funasr said: {}", " ".join(said))
 
 
 def hub_repo_id(name: str, hub: str) -> str:
@@ -93,21 +123,88 @@ def cached_snapshot(repo_id: str, hub: str, revision: str | None) -> str | None:
     return path if path and Path(path, "config.yaml").is_file() else None
 
 
+def missing_model_files(model_dir: Path) -> list[str]:
+    """The files FunASR needs to build the model in `model_dir` that are not there (empty: complete).
+
+    Mirrors FunASR 1.4's ``download_from_ms``: a ``configuration.json`` with ``file_path_metas`` names
+    every file (weights, config, tokens, CMVN); otherwise ``config.yaml`` with ``model.pt`` beside it,
+    plus the token list when the config has a tokenizer and ``am.mvn`` for the fbank frontends.
+    Without this check FunASR fails late with ``init_param does not exist`` naming no model, or (with
+    configuration.json) builds the model with random weights after printing an error.
+    """
+    import json
+
+    import yaml
+
+    def flatten(metas: Any) -> Iterator[str]:
+        for value in metas.values() if isinstance(metas, dict) else []:
+            if isinstance(value, dict):
+                yield from flatten(value)
+            elif isinstance(value, str):
+                yield value
+
+    try:
+        conf_json = json.loads((model_dir / "configuration.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        conf_json = {}
+    except (OSError, ValueError) as e:
+        return [f"a readable configuration.json ({e})"]
+    metas = conf_json.get("file_path_metas") if isinstance(conf_json, dict) else None
+    if metas:
+        return sorted({rel for rel in flatten(metas) if not (model_dir / rel).is_file()})
+    try:
+        conf = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        return ["config.yaml"]
+    except (OSError, yaml.YAMLError) as e:
+        return [f"a readable config.yaml ({type(e).__name__})"]
+    conf = conf if isinstance(conf, dict) else {}
+
+    def given(section: str, key: str) -> bool:
+        value = (conf.get(section) or {}).get(key) if isinstance(conf.get(section), dict) else None
+        return isinstance(value, str) and Path(value).is_file()
+
+    missing = []
+    if not (model_dir / "model.pt").is_file() and not (isinstance(conf.get("init_param"), str)
+                                                       and Path(conf["init_param"]).is_file()):
+        missing.append("model.pt")
+    if conf.get("tokenizer") and not given("tokenizer_conf", "token_list") and not any(
+            (model_dir / name).is_file() for name in ("tokens.json", "tokens.txt", "bpe.model")):
+        missing.append("tokens.json (or tokens.txt)")
+    # FunASR's fbank frontends run without CMVN when am.mvn is absent: no error, only wrong text. Every
+    # published model that uses them ships am.mvn, so its absence is a copy that lost a file.
+    if conf.get("frontend") in CMVN_FRONTENDS and not given("frontend_conf", "cmvn_file") \
+            and not (model_dir / "am.mvn").is_file():
+        missing.append("am.mvn")
+    return missing
+
+
+def check_model_dir(role: str, model_dir: Path) -> None:
+    """Raise `ModelLoadError` naming the role, the folder and the missing files."""
+    missing = missing_model_files(model_dir)
+    if missing:
+        raise ModelLoadError(f"{role} model at {model_dir}: {', '.join(missing)} missing (copy the complete "
+                             f"model folder, or re-run `transcribe models download` for a hub model)")
+
+
 def resolve_model(role: str, name: str, hub: str, revision: str | None, base_dir: str | os.PathLike[str]) -> ModelRef:
     """Resolve one configured model without network access."""
     candidate = Path(os.path.expanduser(name))
     if not candidate.is_absolute():
         candidate = Path(base_dir) / candidate
     if candidate.is_dir() or looks_like_path(name):
+        key = _config_key(role)
         if not candidate.is_dir():
-            raise ModelLoadError(f"{role} model directory {str(candidate)!r} does not exist (funasr config)")
-        if not (candidate / "config.yaml").is_file():
-            raise ModelLoadError(
-                f"{role} model directory {str(candidate)!r} has no config.yaml: not a FunASR model directory"
-            )
+            raise ModelLoadError(f"{role} model at {candidate}: no such directory (funasr.{key})")
+        if not (candidate / "config.yaml").is_file() and not (candidate / "configuration.json").is_file():
+            raise ModelLoadError(f"{role} model at {candidate}: config.yaml missing, not a FunASR model "
+                                 f"directory (funasr.{key})")
+        check_model_dir(role, candidate)
         return ModelRef(role, name, "local", str(candidate.resolve()), None, hub, revision)
     repo_id = hub_repo_id(name, hub)
     path = cached_snapshot(repo_id, hub, revision)
+    if path:
+        check_model_dir(role, Path(path))
     return ModelRef(role, name, "cached" if path else "remote", path, repo_id, hub, revision)
 
 

@@ -80,6 +80,7 @@ def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Confi
         logger.error("job {}: cannot settle it ({}); leaving it for the sweep to requeue", job.job_id, exc)
         td.abandon(job)
         return "abandoned", None
-    logger.info("job {} done: {:.1f}s audio, rtf {:.3f}, {} speakers -> {}", job.job_id, result.duration,
-                result.rtf, len(result.speakers), path.name)
+    n = len(result.speakers)
+    logger.info("job {} done: {:.1f}s audio, rtf {:.3f}, {} speaker{} -> {}", job.job_id, result.duration,
+                result.rtf, n, "" if n == 1 else "s", path.name)
     return "done", result

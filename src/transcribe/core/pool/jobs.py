@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from transcribe.config import validate_formats
+from transcribe.config import describe_validation_errors, validate_formats
 from transcribe.core.errors import SidecarError, TranscribeError
 from transcribe.core.fsio import NAME_MAX, dumps_json, printable
 
@@ -35,9 +35,27 @@ _SAFE_STEM = re.compile(r"[^\w.-]+", re.UNICODE)
 def new_job_id(original_name: str) -> str:
     """Time-ordered and unique: ``20261123T190812123-1f3a9c2b-meeting`` (sortable, keeps the stem)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
-    stem = unicodedata.normalize("NFC", printable(Path(original_name).stem))
-    stem = _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
-    return f"{stamp}-{uuid.uuid4().hex[:8]}-{stem}"
+    return f"{stamp}-{uuid.uuid4().hex[:8]}-{safe_stem(original_name)}"
+
+
+def safe_stem(original_name: str) -> str:
+    """A file name's stem reduced to letters, digits, ``_``, ``.`` and ``-`` (never a path): ``audio`` if empty."""
+    stem = unicodedata.normalize("NFC", printable(Path(original_name.replace("\\", "/")).stem))
+    return _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
+
+
+MAX_SPEAKERS = 64
+
+
+def check_speakers(n: int) -> int:
+    """A speaker count (``--speakers``, a sidecar's ``speakers``): 1..MAX_SPEAKERS; leaving it out means auto."""
+    if n == 0:
+        raise ValueError("0 is not a speaker count: leave it out for automatic detection, "
+                         f"or give the number of speakers (1 to {MAX_SPEAKERS})")
+    if not 1 <= n <= MAX_SPEAKERS:
+        raise ValueError(f"{n} is not a speaker count: give 1 to {MAX_SPEAKERS}, or leave it out for automatic "
+                         "detection")
+    return n
 
 
 SIDECAR_SUFFIX = ".json"
@@ -82,10 +100,15 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    speakers: int | None = Field(default=None, ge=1, le=64)
+    speakers: int | None = None
     hotwords: list[str] | None = Field(default=None, max_length=1000)
     formats: list[str] | None = None
     priority: int = Field(default=0, ge=-100, le=100)
+
+    @field_validator("speakers")
+    @classmethod
+    def _speakers(cls, v: int | None) -> int | None:
+        return None if v is None else check_speakers(v)
 
     @field_validator("formats")
     @classmethod
@@ -113,8 +136,7 @@ def parse_options(raw: bytes, max_bytes: int) -> JobOptions:
     try:
         return JobOptions.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'sidecar'}: {x['msg']}" for x in e.errors())
-        raise SidecarError(f"sidecar rejected: {problems}") from None
+        raise SidecarError(f"sidecar rejected: {'; '.join(describe_validation_errors(e, JobOptions))}") from None
 
 
 @dataclass

@@ -52,6 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,15 @@ STATUS_DIR, LEASES_DIR = "workers", "leases"
 TMP_MAX_AGE = 24 * 3600.0  # tmp/ entries older than this are leftovers of a crash, swept by the supervisor
 # Disk-level errors: every entry would hit them, so a claim pass stops at the first one instead of trying all.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+@dataclass
+class StagedJob:
+    """A job being written in tmp/ by `TaskDir.staging`."""
+
+    job_id: str
+    audio: Path  # write the audio here
+    options: JobOptions | None = None
 
 
 def _is_candidate(name: str) -> bool:
@@ -813,20 +823,29 @@ class TaskDir:
     # ------------------------------------------------------------------ user operations
     def submit(self, audio: Path, options: JobOptions | None = None) -> str:
         """Stage a copy of `audio` in tmp/ and rename it into inbox/ (never seen half-written)."""
-        job_id = new_job_id(audio.name)
+        with self.staging(audio.name, options) as staged:
+            shutil.copyfile(audio, staged.audio)
+        return staged.job_id
+
+    @contextlib.contextmanager
+    def staging(self, audio_name: str, options: JobOptions | None = None) -> Iterator[StagedJob]:
+        """A job built in tmp/<job-id>.job/: the caller writes `staged.audio` (and may set `staged.options`);
+        a clean exit writes job.json and renames the folder into inbox/ (the only moment a server can see
+        it), an exception removes it. `audio_name` must be a bare file name the caller trusts."""
+        job_id = new_job_id(audio_name)
         stage = self.tmp / f"{job_id}{JOB_SUFFIX}"
         stage.mkdir(mode=self.dir_mode)
+        staged = StagedJob(job_id, stage / audio_name, options)
         try:
-            shutil.copyfile(audio, stage / audio.name)
-            os.chmod(stage / audio.name, self.file_mode)
-            record = JobRecord(job_id, audio.name, audio.name, now_iso(),
-                               options=options.model_dump(exclude_none=True) if options else None)
+            yield staged
+            os.chmod(staged.audio, self.file_mode)
+            opts = staged.options.model_dump(exclude_none=True) if staged.options else None
+            record = JobRecord(job_id, audio_name, audio_name, now_iso(), options=opts)
             write_atomic(stage / JOB_FILE, record.to_json(), stage, self.file_mode)
             os.rename(stage, self.inbox / stage.name)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        return job_id
 
     def retry(self, job_id: str) -> None:
         """Move failed/<job_id> back to inbox/ with its attempts reset."""
@@ -838,7 +857,9 @@ class TaskDir:
         record.history.append({"retried": now_iso()})
         write_atomic(src / JOB_FILE, record.to_json(), src, self.file_mode)
         with contextlib.suppress(FileNotFoundError):
-            (src / ERROR_FILE).rename(src / f".error-{int(time.time())}.json")
+            # a readable UTC time, to the millisecond so two retries never overwrite each other's record
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%f")[:-3]
+            (src / ERROR_FILE).rename(src / f".error-{stamp}Z.json")
         os.rename(src, self.inbox / f"{job_id}{JOB_SUFFIX}")
 
     def failed_ids(self) -> list[str]:
