@@ -453,3 +453,16 @@ def test_a_rescan_sees_new_files_late_sidecars_and_gone_entries(td):
     a.unlink()
     sidecar(td, "c.wav.json", '{"priority": -1}')
     assert td.candidates() == [b, c]
+
+
+def test_a_sidecar_whose_audio_never_comes_goes_to_failed(td):
+    sidecar(td, "lonely.wav.json", '{"speakers": 2}', age=2 * 3600)
+    sidecar(td, "fresh.wav.json", '{"speakers": 2}', age=60)  # its audio may still come
+    sidecar(td, "talk.json", '{"speakers": 2}', age=2 * 3600)
+    drop(td, "talk.wav", age=0)  # being written: its stem sidecar waits with it
+    assert td.sweep_orphan_sidecars() == ["lonely.wav.json"]
+    [failed] = list(td.failed.iterdir())
+    err = json.loads((failed / "error.json").read_text())
+    assert err["reason"] == "sidecar_orphaned" and err["original_name"] == "lonely.wav.json"
+    assert json.loads((failed / "sidecar.json").read_text()) == {"speakers": 2}
+    assert sorted(p.name for p in td.inbox.iterdir()) == ["fresh.wav.json", "talk.json", "talk.wav"]

@@ -50,7 +50,7 @@ from transcribe.core.pool.worker_process import (
 METRICS_INTERVAL = 2.0  # seconds between metrics text-file writes
 TICK = 0.25  # seconds between loop turns when nothing wakes us
 SWEEP_INTERVAL = 2.0  # seconds between sweeps of processing/ for unleased jobs
-TMP_SWEEP_INTERVAL = 3600.0  # seconds between sweeps of tmp/ for day-old leftovers
+TMP_SWEEP_INTERVAL = 600.0  # seconds between sweeps of tmp/ (day-old leftovers) and of orphaned sidecars
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale worker
 MAX_BOOT_FAILURES = 3  # a slot's workers dying before ready, in a row, that stop the pool
 STABLE_AFTER = 60.0  # a worker that ran this long before dying resets its slot's crash backoff
@@ -481,6 +481,7 @@ class Supervisor:
             self._sweep_due = now + SWEEP_INTERVAL
         if now >= self._tmp_sweep_due:
             self.td.sweep_tmp()
+            self.td.sweep_orphan_sidecars()
             self._tmp_sweep_due = now + TMP_SWEEP_INTERVAL
         self._write_status()
         self._write_metrics()

@@ -807,6 +807,42 @@ class TaskDir:
             logger.info("swept tmp/{} ({:.0f} h old)", printable(e.name), (now - st.st_mtime) / 3600)
         return removed
 
+    def sweep_orphan_sidecars(self, max_age: float = 3600.0, now: float | None = None) -> list[str]:
+        """Move sidecars whose audio never came (or was claimed before they arrived) and that are older than
+        `max_age` to failed/<id>/ with reason `sidecar_orphaned`: they never sit in the inbox forever."""
+        now = time.time() if now is None else now
+        try:
+            with os.scandir(self.inbox) as it:
+                names = {e.name for e in it}
+        except OSError:
+            return []
+        moved = []
+        for name in sorted(n for n in names if n.lower().endswith(SIDECAR_SUFFIXES)):
+            base = name[: -len(".json")]
+            if base in names or any(n != name and n.rsplit(".", 1)[0] == base for n in names):
+                continue  # its audio is waiting
+            side = self.inbox / name
+            try:
+                st = os.lstat(side)
+                if now - st.st_mtime < max_age:
+                    continue
+                job_id = new_job_id(base)
+                target = self.failed / job_id
+                target.mkdir(mode=self.dir_mode)
+                os.rename(side, target / SIDECAR_FILE)
+                info = {"job_id": job_id, **name_to_json("original_name", name), "reason": "sidecar_orphaned",
+                        "error_type": "OrphanedSidecar", "retryable": False, "failed": now_iso(),
+                        "message": f"sidecar {printable(name)!r} waited {(now - st.st_mtime) / 3600:.1f} h for an "
+                                   f"audio file named {printable(base)!r} (or with that stem); drop the audio "
+                                   f"with it, writing the sidecar first"}
+                write_atomic(target / ERROR_FILE, dumps_json(info, indent=2), target, self.file_mode)
+            except OSError as e:
+                logger.warning("cannot move orphaned sidecar {!r}: {}", printable(name), e)
+                continue
+            moved.append(name)
+            logger.warning("orphaned sidecar {!r} moved to failed/{}", printable(name), job_id)
+        return moved
+
     def acquire_server_lock(self) -> int:
         """One server per task dir: an flock on <task_dir>/server.lock, held for the process's life."""
         path = self.root / "server.lock"
