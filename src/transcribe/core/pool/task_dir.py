@@ -817,9 +817,11 @@ class TaskDir:
         except OSError:
             return []
         moved = []
-        for name in sorted(n for n in names if n.lower().endswith(SIDECAR_SUFFIXES)):
+        sidecars = sorted(n for n in names if n.lower().endswith(SIDECAR_SUFFIXES))
+        stems = {n.rsplit(".", 1)[0] for n in names.difference(sidecars)}
+        for name in sidecars:
             base = name[: -len(".json")]
-            if base in names or any(n != name and n.rsplit(".", 1)[0] == base for n in names):
+            if base in names or base in stems:
                 continue  # its audio is waiting
             side = self.inbox / name
             try:
