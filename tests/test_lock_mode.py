@@ -69,18 +69,29 @@ async def test_20_concurrent_calls_never_overlap_while_the_loop_ticks(transcribe
     assert results[0].segments == results[-1].segments
 
 
+async def wait_for(pred, timeout=60.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 async def test_cancelling_five_leaves_the_rest_working(transcriber, probe):
     path = shared_audio("tts_1speaker_5s.wav")
     at = AsyncTranscriber(transcriber)
     tasks = [asyncio.create_task(at.transcribe(path)) for _ in range(12)]
-    await asyncio.sleep(0.05)  # some are running or queued
-    for t in random.Random(1).sample(tasks, 5):
+    await wait_for(lambda: probe.inside == 1)  # one call holds the lock; the other 11 wait behind it
+    assert probe.calls == 1
+    queued = [t for t in tasks if not t.done()]
+    victims = random.Random(1).sample(queued[-8:], 5)  # none of these can have run yet: calls are serialised
+    for t in victims:
         t.cancel()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    cancelled = [o for o in outcomes if isinstance(o, asyncio.CancelledError)]
+    cancelled = [o for t, o in zip(tasks, outcomes) if isinstance(o, asyncio.CancelledError)]
     ok = [o for o in outcomes if not isinstance(o, BaseException)]
-    assert len(cancelled) == 5 and len(ok) == 7
-    assert probe.max_inside == 1
+    assert len(cancelled) == 5 and len(ok) == 7 and all(o.segments for o in ok)
+    assert all(isinstance(outcomes[tasks.index(t)], asyncio.CancelledError) for t in victims)
+    assert probe.calls == 7 and probe.max_inside == 1  # a cancelled waiter never reached the model
     # the lock is free once the in-flight call has returned, and later calls work
     r = await at.transcribe(path)
     assert r.segments and not at.busy

@@ -98,6 +98,9 @@ class PoolConfig(_Section):
     boot_timeout: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
+    # On SIGHUP, an old worker finishes its job for up to this long before it is stopped (its job is
+    # then requeued without spending an attempt).
+    graceful_timeout: float = Field(default=600.0, ge=0)
     max_jobs_per_worker: int = Field(default=0, ge=0)  # 0 = never recycle by count
     max_rss_mb: int = Field(default=0, ge=0)  # 0 = never recycle by memory
     keep_audio: bool = True

@@ -51,8 +51,12 @@ def catalogue(inbox: Path, outside: Path) -> tuple[dict[str, str], list[str]]:
     sf.write(inbox / "tenth-second.wav", tts[:1600], 16000)
     expect_ok += ["8k-stereo-24bit.wav", "float32.wav", "tenth-second.wav"]
     put("silence.wav", shared_audio("silence_5s.wav").read_bytes())
-    for name in ("with spaces.wav", "ünïcödé 会议.wav", "new\nline.wav", "-leading-dash.wav"):
+    for name in ("with spaces.wav", "ünïcödé 会议.wav", "new\nline.wav", "-leading-dash.wav", "n" * 246 + ".wav"):
         put(name, wav)
+    # names that can never be processed: failed with a reason, bytes intact (keys: as error.json prints them)
+    (inbox / os.fsdecode(b"caf\xe9 latin-1.wav")).write_bytes(wav)
+    expect_fail["caf\ufffd latin-1.wav"] = "name_invalid"
+    put("l" * 247 + ".wav", wav, "name_too_long")
     for name, side in (("bad-json.wav", b"{speakers: 2"), ("huge-sidecar.wav", b'{"hotwords": ["' + b"x" * 70_000 + b'"]}'),
                        ("unknown-key.wav", b'{"speakers": 2, "output_name": "../../escaped"}'),
                        ("wrong-type.wav", b'{"speakers": "two"}'),
@@ -75,6 +79,7 @@ def test_bad_inputs_in_a_running_pool(pool_cfg, tmp_path):
     srv = Server(cfg_path, workers=2)
     outside = tmp_path / "outside"
     outside.mkdir()
+    before = {p.name for p in tmp_path.iterdir()}
     try:
         wait_until(lambda: ready_workers(task_dir, 2), 120, "workers ready")
         pids = {w["pid"] for w in workers_status(task_dir).values()}
@@ -92,24 +97,26 @@ def test_bad_inputs_in_a_running_pool(pool_cfg, tmp_path):
     assert got_fail == expect_fail
     for e in failed(task_dir).values():
         assert e["message"] and "Traceback" not in e["message"]
+        assert e["error_type"] and not e["error_type"].startswith("_")  # public names only
     by_source = {r["source"]: r for r in results(task_dir)}
     assert set(by_source) == set(expect_ok) | {"after.wav"}
     assert by_source["silence.wav"]["segments"] == []
     assert by_source["8k-stereo-24bit.wav"]["duration"] == pytest.approx(6.44, abs=0.05)
     assert by_source["tenth-second.wav"]["duration"] == pytest.approx(0.1, abs=0.01)
     assert list((task_dir / "inbox").iterdir()) == [] and list((task_dir / "processing").iterdir()) == []
-    # nothing was written outside the task dir, the symlink targets are untouched
-    assert sorted(p.name for p in outside.iterdir()) == ["secret.wav"]
-    assert not (tmp_path / "escaped").exists() and not Path("/tmp/x.json").exists()
-    for p in (task_dir / "done").glob("*"):
-        assert p.resolve().is_relative_to(task_dir.resolve())
+    # nothing was written outside the task dir and the logs; the symlink targets are untouched
+    new = {p.name for p in tmp_path.iterdir()} - before
+    assert {n for n in new if not n.startswith("serve-")} <= {"logs", "tasks"}, new
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.wav"] and (outside / "secret.wav").stat().st_nlink == 2
+    for p in (task_dir / "done").rglob("*"):
+        assert not p.is_symlink() and p.resolve().is_relative_to(task_dir.resolve())
 
 
 def test_no_pickle_eval_or_shell_in_the_code():
     code = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
     for pattern in (r"^\s*import pickle", r"^\s*from pickle", r"\beval\(", r"\bexec\(", r"shell\s*=\s*True",
                     r"os\.system\(", r"os\.popen\(", r"yaml\.load\((?!.*Loader)", r"torch\.load\("):
-        assert not re.search(pattern, code, re.M), pattern
+        assert not re.search(pattern, code, re.MULTILINE), pattern
 
 
 def test_status_executes_nothing_from_the_task_dir(pool_cfg, tmp_path):

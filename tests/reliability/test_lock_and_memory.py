@@ -43,14 +43,17 @@ async def test_100_callers_half_cancelled(transcriber, tmp_path):
     try:
         calls = [asyncio.create_task(at.transcribe(bad if i % 10 == 0 else good)) for i in range(100)]
         to_cancel = rng.sample(range(100), 50)
-        for i in to_cancel:  # at random points: some queued, some running
+        finished_first = set()
+        for i in to_cancel:  # at random points: some queued, some running, a few already finished
             await asyncio.sleep(rng.uniform(0, 0.05))
+            if calls[i].done():
+                finished_first.add(i)  # a finished call cannot be cancelled: it must hold its own outcome
             calls[i].cancel()
+        finished_before_cancel = finished_first
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
-        assert all(isinstance(outcomes[i], asyncio.CancelledError) or not isinstance(outcomes[i], BaseException)
-                   or isinstance(outcomes[i], errors.AudioDecodeError) for i in to_cancel)
         for i, o in enumerate(outcomes):
-            if i in to_cancel:
+            if i in to_cancel and i not in finished_before_cancel:
+                assert isinstance(o, asyncio.CancelledError), (i, o)  # cancel() of a pending call always wins
                 continue
             if i % 10 == 0:
                 assert isinstance(o, errors.AudioDecodeError)  # its own error, nobody else's

@@ -1,14 +1,19 @@
 """Small filesystem primitives shared by the engine's outputs and the task directory: atomic writes
-(write to a staging folder, fsync, rename), directory fsync, and timestamps."""
+(write to a staging folder, fsync, rename, optionally fsync the target folder), directory fsync,
+JSON that survives any file name, and timestamps."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any
+
+NAME_MAX = 255  # bytes in one path component on every filesystem we serve (ext4, xfs, btrfs, apfs, zfs)
 
 
 def now_iso() -> str:
@@ -16,17 +21,50 @@ def now_iso() -> str:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Make the renames into `path` durable (a rename is only on disk once its folder is fsynced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def printable(text: str) -> str:
+    """`text` as valid Unicode: bytes a file name carried through surrogateescape become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # a name from os.fsdecode: each undecodable byte becomes one U+FFFD
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every string made valid Unicode (so `json.dumps(...).encode()` cannot fail)."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, **kwargs: Any) -> str:
+    return json.dumps(json_safe(value), ensure_ascii=False, **kwargs)
+
+
 def write_atomic(path: Path, data: str | bytes, staging: Path, mode: int = 0o640,
-                 before_rename: Callable[[], None] | None = None) -> None:
-    """Write `data` to a file in `staging`, fsync it, rename it to `path` (same filesystem)."""
-    tmp = staging / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
+                 before_rename: Callable[[], None] | None = None, *, sync_dir: bool = False) -> None:
+    """Write `data` to a file in `staging`, fsync it, rename it to `path` (same filesystem).
+
+    The staging name is short and fixed-length whatever `path` is called (never over NAME_MAX).
+    `sync_dir` also fsyncs `path`'s folder, so the rename itself survives a power cut.
+    """
+    tmp = staging / f".w{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -41,3 +79,5 @@ def write_atomic(path: Path, data: str | bytes, staging: Path, mode: int = 0o640
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    if sync_dir:
+        fsync_dir(path.parent)

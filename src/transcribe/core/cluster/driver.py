@@ -46,10 +46,11 @@ from transcribe.core.notify import Notifier
 from transcribe.core.pool.heartbeat import WorkerStatus
 from transcribe.core.pool.inbox_watcher import InboxWatcher
 from transcribe.core.pool.job_runner import finish_job, prepare_job, settle_failed_job
-from transcribe.core.pool.jobs import Job, JobOptions, ReportedError
+from transcribe.core.pool.jobs import Job, JobOptions, LeaseLost, ReportedError
 from transcribe.core.pool.task_dir import TaskDir
 
 TICK = 0.25  # longest wait on outstanding calls per loop turn
+SWEEP_INTERVAL = 2.0  # seconds between sweeps of processing/ for jobs nobody holds (as the pool supervisor)
 MAX_EARLY_DEATHS = 3  # actors dying before ready, in a row, that stop the server
 EXIT_OK, EXIT_FATAL = 0, 3
 
@@ -129,7 +130,7 @@ class RayServer:
         self._started_ray = False
         self._actor_cls: Any = None
         self._config_json = json.dumps({"config": cfg.model_dump(mode="json"), "base_dir": cfg.base_dir})
-        self._next_resize = self._next_scan = self._next_beat = self._respawn_at = 0.0
+        self._next_resize = self._next_scan = self._next_beat = self._respawn_at = self._next_sweep = 0.0
         self._nodes_seen: set[str] = set()
         self.metrics = PoolMetrics(self.td, cfg.resolve_path(cfg.metrics.textfile)) if cfg.metrics.textfile else None
 
@@ -138,6 +139,7 @@ class RayServer:
         lock_fd = self.td.acquire_server_lock()
         try:
             os.umask(self.cfg.pool.umask)
+            self.td.check_one_filesystem()
             self.td.recover_all("supervisor_restart", "the previous server stopped while the job ran",
                                 keep_audio=self.cfg.pool.keep_audio)
             self._connect()
@@ -153,6 +155,7 @@ class RayServer:
                         self._dispatch()
                         self._wait_and_settle(TICK)
                         self._beat()
+                        self._sweep()
                     self._drain()
             finally:
                 self._stop_actors()
@@ -172,6 +175,19 @@ class RayServer:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _sweep(self) -> None:
+        """Requeue processing/ entries whose lease nobody holds (a job this driver had to abandon, a claim
+        cut short); the jobs this driver holds are skipped, since their flock is held. Also tmp/ leftovers."""
+        now = time.time()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL
+        try:
+            self.td.sweep("worker_died", "the job was left unleased", keep_audio=self.cfg.pool.keep_audio)
+            self.td.sweep_tmp()
+        except OSError as e:  # a full or failing disk must not stop the server; the next sweep retries
+            logger.warning("sweep of {} failed: {}", self.td.root, e)
 
     def _connect(self) -> None:
         try:
@@ -331,12 +347,15 @@ class RayServer:
         self._write_worker_status(slot)
 
     def _holds(self, slot: ActorSlot, dispatch: Dispatch) -> bool:
-        """Fencing: this driver still holds the job's lease for this attempt (the one place that reads it)."""
+        """Fencing: this dispatch is the actor's current one and this process still holds the job's lease
+        (`TaskDir.check_owner`; `complete`/`release`/`fail` check it again before they touch anything)."""
         if slot.dispatch is not dispatch:
             return False
-        lease = TaskDir._read_lease(dispatch.job.dir)
-        return (lease.get("worker") == slot.actor_id and lease.get("pid") == os.getpid()
-                and lease.get("attempt") == dispatch.attempt)
+        try:
+            self.td.check_owner(dispatch.job)
+        except LeaseLost:
+            return False
+        return True
 
     def _settle(self, slot: ActorSlot, dispatch: Dispatch, reply: dict[str, Any] | None, *,
                 lost: str | None = None, reason: str = "actor_lost") -> str:
@@ -349,8 +368,10 @@ class RayServer:
         job, result = dispatch.job, None
         try:
             if lost is not None:
+                # a stop this server decided (shutdown) gives the attempt back; a lost actor counts
                 outcome = self.td.release(job, {"reason": reason, "error_type": "WorkerLost",
-                                                "message": lost, "retryable": True, "worker": slot.actor_id})
+                                                "message": lost, "retryable": True, "worker": slot.actor_id},
+                                          counted=reason != "server_stopped")
             elif reply and reply.get("ok"):
                 result = Result.from_dict(reply["result"])
                 path = finish_job(self.td, job, result, dispatch.options, self.cfg, self.notifier)
@@ -362,8 +383,17 @@ class RayServer:
             else:
                 error = (reply or {}).get("error") or {"reason": "internal_error", "message": "no answer"}
                 outcome = settle_failed_job(self.td, job, ReportedError(error), slot.actor_id, self.notifier)
+        except LeaseLost as lost_lease:  # recovered by someone else meanwhile: nothing of it is ours to touch
+            logger.error("job {}: {}; the answer is discarded", job.job_id, lost_lease.message)
+            self.td.abandon(job)
+            outcome = "lost"
         except Exception as exc:  # noqa: BLE001 - a commit that failed (full disk) is retried like the pool
-            outcome = settle_failed_job(self.td, job, exc, slot.actor_id, self.notifier)
+            try:
+                outcome = settle_failed_job(self.td, job, exc, slot.actor_id, self.notifier)
+            except (LeaseLost, OSError) as e:  # cannot even settle it: the sweep requeues it later
+                logger.error("job {}: cannot settle it ({}); left for the sweep", job.job_id, e)
+                self.td.abandon(job)
+                outcome = "abandoned"
         self._count(slot, outcome, result)
         return outcome
 

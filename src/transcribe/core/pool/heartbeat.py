@@ -7,12 +7,15 @@ stays visibly alive through a long model call; a job that makes no progress for
 
 from __future__ import annotations
 
-import json
+import ctypes
 import os
 import resource
+import select
+import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from typing import Any
 from loguru import logger
 
 from transcribe.core.engine.result import Result
-from transcribe.core.fsio import now_iso, write_atomic
+from transcribe.core.fsio import dumps_json, now_iso, write_atomic
 
 
 @dataclass
@@ -69,7 +72,7 @@ class WorkerStatus:
         return round(self.rtf_sum / self.jobs_done, 5) if self.jobs_done else None
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "mean_rtf": self.mean_rtf}, ensure_ascii=False)
+        return dumps_json({**asdict(self), "mean_rtf": self.mean_rtf})
 
 
 def current_rss_mb() -> float:
@@ -96,6 +99,52 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Linux: have the kernel send `sig` to this process when its parent exits. With the forkserver start
+    method the parent is the fork server, which itself exits when the supervisor dies, so this covers
+    both start methods. Returns whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class SupervisorWatch(threading.Thread):
+    """Calls `on_lost` as soon as the supervisor process ends, even in the middle of a job.
+
+    A ``pidfd`` (Linux 5.3+) becomes readable when the process exits and cannot be fooled by pid reuse;
+    elsewhere the pid is polled. An orphaned worker must stop: the supervisor that replaces the dead one
+    recovers its job once the worker's lease is released, which happens when it exits.
+    """
+
+    def __init__(self, pid: int, on_lost: Callable[[], None], poll_interval: float = 1.0) -> None:
+        super().__init__(name="supervisor-watch", daemon=True)
+        self.pid, self.on_lost, self.poll_interval = pid, on_lost, poll_interval
+        self._pidfd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self._pidfd = os.pidfd_open(pid)
+            except OSError:
+                self._pidfd = None  # gone already (noticed in run) or not permitted
+
+    def run(self) -> None:
+        if self._pidfd is not None:
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            while not poller.poll(None):
+                pass
+        else:
+            while pid_alive(self.pid):
+                time.sleep(self.poll_interval)
+        self.on_lost()
+
+
 class Heartbeat(threading.Thread):
     """Rewrites the status file every `interval` seconds; its mtime is the worker's heartbeat.
 
@@ -110,15 +159,25 @@ class Heartbeat(threading.Thread):
         self.path, self.status, self.interval, self.staging = path, status, interval, staging
         self.stall_timeout = stall_timeout
         self._stop_event = threading.Event()
+        # Progress age is measured on the monotonic clock from when a new `progress_ts` was first seen,
+        # so a wall-clock step (NTP) neither fakes a stall nor hides one.
+        self._seen_progress: float | None = None
+        self._seen_progress_mono = time.monotonic()
+
+    def progress_age(self) -> float:
+        if self.status.progress_ts != self._seen_progress:
+            self._seen_progress, self._seen_progress_mono = self.status.progress_ts, time.monotonic()
+        return time.monotonic() - self._seen_progress_mono
 
     def stalled(self) -> bool:
         s = self.status
-        return s.state == "busy" and s.progress_ts is not None and time.time() - s.progress_ts > self.stall_timeout
+        age = self.progress_age()
+        return s.state == "busy" and s.progress_ts is not None and age > self.stall_timeout
 
     def beat(self) -> None:
         if self.stalled():
             logger.error("job {} made no progress for {:.0f}s (pool.job_stall_timeout); heartbeat stops",
-                         self.status.job, time.time() - (self.status.progress_ts or 0))
+                         self.status.job, self.progress_age())
             return
         self.status.rss_mb = round(current_rss_mb(), 1)
         try:
@@ -128,7 +187,10 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
-            self.beat()
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - a dead heartbeat thread would get a healthy worker killed
+                logger.opt(exception=exc).error("heartbeat failed: {}", exc)
 
     def stop(self) -> None:
         self._stop_event.set()

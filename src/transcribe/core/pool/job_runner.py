@@ -1,9 +1,11 @@
-"""One claimed job to done/, failed/ or back to inbox/: the steps shared by pool workers and lock mode."""
+"""One claimed job to done/, failed/ or back to inbox/: the steps shared by pool workers, lock mode and
+any other claimer (a Ray driver). The claimer holds `job.lease` throughout; every settle checks it, so a
+claimer that lost its job (it was recovered and claimed again) commits nothing: outcome "lost"."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from loguru import logger
 
@@ -11,8 +13,9 @@ from transcribe.config import Config
 from transcribe.core.engine.formats import render
 from transcribe.core.engine.result import Result
 from transcribe.core.errors import TranscribeError
+from transcribe.core.fsio import printable
 from transcribe.core.notify import Notifier
-from transcribe.core.pool.jobs import Job, JobOptions, error_info
+from transcribe.core.pool.jobs import Job, JobOptions, LeaseLost, error_info
 from transcribe.core.pool.task_dir import TaskDir
 
 
@@ -30,9 +33,9 @@ def finish_job(td: TaskDir, job: Job, result: Result, options: JobOptions, cfg: 
     path = td.complete(job, outputs, keep_audio=cfg.pool.keep_audio)
     if notifier:
         if result.fallback and not result.cached:  # the job left its device: out of memory, a missing operator
-            notifier.send("job.fallback", job_id=job.job_id, source=job.record.original_name, device=result.device,
+            notifier.send("job.fallback", job_id=job.job_id, source=printable(job.record.original_name), device=result.device,
                           **result.fallback)
-        notifier.send("job.done", job_id=job.job_id, source=job.record.original_name, result_path=str(path),
+        notifier.send("job.done", job_id=job.job_id, source=printable(job.record.original_name), result_path=str(path),
                       duration=result.duration, rtf=result.rtf, speakers=result.speakers)
     return path
 
@@ -50,21 +53,37 @@ def settle_failed_job(td: TaskDir, job: Job, exc: BaseException, worker_id: str,
         outcome = td.release(job, info)
     if outcome == "failed" and notifier:
         failed = td.failed / job.job_id
-        notifier.send("job.failed", job_id=job.job_id, source=job.record.original_name,
+        notifier.send("job.failed", job_id=job.job_id, source=printable(job.record.original_name),
                       error_path=str(failed / "error.json"), **info)
     return outcome
 
 
 def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Config, worker_id: str,
             notifier: Notifier | None = None) -> tuple[str, Result | None]:
-    """Run one claimed job to done/, failed/ or back to inbox/. Never raises for a job's own fault."""
+    """Run one claimed job to done/, failed/ or back to inbox/ and return (outcome, result).
+
+    Outcomes: "done", "failed", "requeued"; "lost" when the job's lease was lost (nothing was written);
+    "abandoned" when even settling failed (the disk refused it): the job is left in processing/, unleased,
+    for the supervisor's sweep. Never raises for a job's own fault or the filesystem's.
+    """
     try:
-        options = prepare_job(td, job)
-        result = transcribe(job.audio_path, **options.engine_kwargs(cfg), extension=job.extension,
-                            source_name=job.record.original_name)
-        path = finish_job(td, job, result, options, cfg, notifier)
-    except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
-        return settle_failed_job(td, job, exc, worker_id, notifier), None
+        try:
+            options = prepare_job(td, job)
+            result = transcribe(job.audio_path, **options.engine_kwargs(cfg), extension=job.extension,
+                                source_name=job.record.original_name)
+            path = finish_job(td, job, result, options, cfg, notifier)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
+            return settle_failed_job(td, job, exc, worker_id, notifier), None
+    except LeaseLost as lost:
+        logger.error("job {}: {}; its result (if any) is discarded", job.job_id, lost.message)
+        td.abandon(job)
+        return "lost", None
+    except OSError as exc:
+        logger.error("job {}: cannot settle it ({}); leaving it for the sweep to requeue", job.job_id, exc)
+        td.abandon(job)
+        return "abandoned", None
     n = len(result.speakers)
     logger.info("job {} done: {:.1f}s audio, rtf {:.3f}, {} speaker{} -> {}", job.job_id, result.duration,
                 result.rtf, n, "" if n == 1 else "s", path.name)

@@ -1,17 +1,24 @@
 """What a job is: its options (sidecar or `submit`), its record (job.json), a claimed job, and the
-machine-readable record of an error. Pure data; the folder protocol is `task_dir.py`."""
+machine-readable record of an error. Pure data; the folder protocol is `task_dir.py`.
+
+File names are carried as Python does (``os.fsdecode``: bytes that are not UTF-8 become surrogates,
+so the file can still be renamed); in JSON a name is written printable, and when it is not valid
+UTF-8 its exact bytes are kept beside it as ``<key>_b64`` so nothing is lost.
+"""
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
+import os
 import re
 import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import (
     BaseModel,
@@ -26,6 +33,10 @@ from transcribe.config import Config, describe_validation_errors, validate_forma
 from transcribe.core.engine.formats import SubtitleLayout
 from transcribe.core.engine.options import MAX_SPEAKERS, option_problems
 from transcribe.core.errors import SidecarError, TranscribeError
+from transcribe.core.fsio import NAME_MAX, dumps_json, printable
+
+if TYPE_CHECKING:
+    from transcribe.core.pool.task_dir import Lease
 
 _SAFE_STEM = re.compile(r"[^\w.-]+", re.UNICODE)
 
@@ -38,7 +49,7 @@ def new_job_id(original_name: str) -> str:
 
 def safe_stem(original_name: str) -> str:
     """A file name's stem reduced to letters, digits, ``_``, ``.`` and ``-`` (never a path): ``audio`` if empty."""
-    stem = unicodedata.normalize("NFC", Path(original_name.replace("\\", "/")).stem)
+    stem = unicodedata.normalize("NFC", printable(Path(original_name.replace("\\", "/")).stem))
     return _SAFE_STEM.sub("_", stem).strip("._-")[:60] or "audio"
 
 
@@ -51,6 +62,43 @@ def check_speakers(n: int) -> int:
         raise ValueError(f"{n} is not a speaker count: give 1 to {MAX_SPEAKERS}, or leave it out for automatic "
                          "detection")
     return n
+
+
+SIDECAR_SUFFIX = ".json"
+
+
+def name_bytes(name: str) -> bytes:
+    return os.fsencode(name)
+
+
+def name_problem(name: str) -> tuple[str, str] | None:
+    """Why an inbox entry called `name` can never be processed: (reason, how to fix), or None."""
+    raw = name_bytes(name)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "name_invalid", (f"the file name {raw!r} is not valid UTF-8 (names from an SMB share or a zip are "
+                                f"often Latin-1); rename it to UTF-8 (e.g. `convmv -f latin1 -t utf8`) and drop "
+                                f"it again")
+    if len(raw) > NAME_MAX - len(SIDECAR_SUFFIX):
+        return "name_too_long", (f"the file name is {len(raw)} bytes; names over {NAME_MAX - len(SIDECAR_SUFFIX)} "
+                                 f"bytes leave no room for its sidecar <name>.json ({NAME_MAX}-byte limit); "
+                                 f"rename it shorter and drop it again")
+    return None
+
+
+def name_to_json(key: str, name: str) -> dict[str, str]:
+    """``{key: printable name}``, plus ``{key}_b64`` with the exact bytes when they are not UTF-8."""
+    out = {key: printable(name)}
+    if out[key] != name:
+        out[f"{key}_b64"] = base64.b64encode(name_bytes(name)).decode("ascii")
+    return out
+
+
+def name_from_json(d: dict[str, Any], key: str) -> str:
+    if f"{key}_b64" in d:
+        return os.fsdecode(base64.b64decode(d[f"{key}_b64"]))
+    return str(d[key])
 
 
 class JobOptions(BaseModel):
@@ -138,24 +186,37 @@ class JobRecord:
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt that ended badly
     options: dict[str, Any] | None = None  # validated options (from submit); a raw sidecar.json otherwise
     claimed: float | None = None  # unix time of the latest claim (inbox-to-claim latency)
+    lease_token: str | None = None  # the token of the lease that claimed it last (checked at commit)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(name_to_json("original_name", self.original_name))
+        d.update(name_to_json("audio_name", self.audio_name))
+        return d
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, ensure_ascii=False, indent=2)
+        return dumps_json(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "JobRecord":
+    def from_json(cls, text: str) -> JobRecord:
         d = json.loads(text)
-        return cls(job_id=str(d["job_id"]), original_name=str(d["original_name"]), audio_name=str(d["audio_name"]),
-                   created=str(d["created"]), attempts=int(d.get("attempts", 0)), history=list(d.get("history", [])),
-                   options=d.get("options"), claimed=d.get("claimed"))
+        return cls(job_id=str(d["job_id"]), original_name=name_from_json(d, "original_name"),
+                   audio_name=name_from_json(d, "audio_name"), created=str(d["created"]),
+                   attempts=int(d.get("attempts", 0)), history=list(d.get("history", [])),
+                   options=d.get("options"), claimed=d.get("claimed"), lease_token=d.get("lease_token"))
 
 
 @dataclass
 class Job:
-    """A claimed job: its directory under processing/ and its record."""
+    """A claimed job: its directory under processing/, its record, and the lease that fences it.
+
+    `lease` is what makes the holder the owner: an open, flocked lock file (see `task_dir.Lease`).
+    `TaskDir.complete/fail/release` act only while it is held and its token matches job.json.
+    """
 
     dir: Path
     record: JobRecord
+    lease: Lease | None = None
 
     @property
     def job_id(self) -> str:
@@ -170,6 +231,13 @@ class Job:
         return Path(self.record.original_name).suffix.lower()
 
 
+class LeaseLost(TranscribeError):
+    """The job is no longer ours (requeued and claimed again, or moved by hand): nothing of it is touched."""
+
+    reason = "lease_lost"
+    retryable = False
+
+
 class RefusedInput(TranscribeError):
     """An inbox entry that is refused for safety, with its own reason code."""
 
@@ -180,12 +248,21 @@ class RefusedInput(TranscribeError):
 
 def error_info(exc: BaseException) -> dict[str, Any]:
     """The machine-readable record of an error, for error.json and job history."""
+    if isinstance(exc, ReportedError):
+        return exc.to_dict()  # another process's record (a Ray actor's), already public and printable
     if isinstance(exc, TranscribeError):
-        return exc.to_dict()
+        return {**exc.to_dict(), "error_type": public_type_name(exc), "message": printable(exc.message)}
     if isinstance(exc, OSError) and exc.errno is not None:
         code = errno.errorcode.get(exc.errno, str(exc.errno))
-        return {"reason": code, "error_type": type(exc).__name__, "message": str(exc), "retryable": True}
-    return {"reason": "internal_error", "error_type": type(exc).__name__, "message": str(exc), "retryable": True}
+        return {"reason": code, "error_type": public_type_name(exc), "message": printable(str(exc)),
+                "retryable": True}
+    return {"reason": "internal_error", "error_type": public_type_name(exc), "message": printable(str(exc)),
+            "retryable": True}
+
+
+def public_type_name(exc: BaseException) -> str:
+    """The first public class name in the exception's MRO (a private helper class never leaks out)."""
+    return next((c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_")), "Exception")
 
 
 class ReportedError(TranscribeError):

@@ -29,6 +29,7 @@ WORKER_ID = "lock"
 
 async def serve_lock(cfg: Config) -> int:
     td = TaskDir.from_config(cfg).ensure()
+    td.check_one_filesystem()
     td.acquire_server_lock()
     os.umask(cfg.pool.umask)
     td.recover_all("supervisor_restart", "the previous server stopped while the job ran",

@@ -1,28 +1,41 @@
 """The pool supervisor (modelled on gunicorn's arbiter): one loop that keeps N workers alive.
 
-Each turn of the loop: handle signals; reap dead workers and requeue the job each held; kill
-workers whose heartbeat is stale; respawn what is missing, with backoff. A worker that cannot
-boot (its models do not load) stops the pool with that error instead of respawning forever.
+The decisions live in `PoolCore`, a small state machine driven by `tick()` with an injected clock,
+process table and status reader (tests drive it without processes). Each turn: reap dead workers;
+note heartbeats (on the monotonic clock: when a status file's mtime last *changed*, never mtime vs.
+wall time); kill workers whose heartbeat is stale or that never became ready; respawn what is missing,
+with exponential backoff; roll a reload forward. `Supervisor` wires it to real processes, signals and
+the task directory, and sweeps processing/ for jobs whose lease nobody holds (a dead worker's).
+
+Attempts mean "the job failed": a worker the supervisor itself stops (reload, shutdown) has its job
+requeued without spending an attempt. Reload (SIGHUP) is graceful: new workers first, then each old
+one drains (finishes its job, claims no more) within `pool.graceful_timeout`. A worker that cannot boot
+stops the pool at start-up; after a reload the old workers are kept instead; a respawned worker's boot
+failure stops the pool only after `MAX_BOOT_FAILURES` in a row.
 
 The supervisor never imports torch or FunASR: devices are probed in a short-lived subprocess,
-and every GPU/MPS backend is initialised only inside workers.
+and every GPU/MPS backend is initialised only inside workers. With the forkserver start method the
+workers are children of the fork server (itself a child of the supervisor), in the same process group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from loguru import logger
 
 from transcribe.config import Config
+from transcribe.core import fault_injection
 from transcribe.core.errors import ConfigError
 from transcribe.core.fsio import now_iso, write_atomic
 from transcribe.core.metrics import PoolMetrics, worker_states
@@ -36,25 +49,298 @@ from transcribe.core.pool.worker_process import (
 
 METRICS_INTERVAL = 2.0  # seconds between metrics text-file writes
 TICK = 0.25  # seconds between loop turns when nothing wakes us
+SWEEP_INTERVAL = 2.0  # seconds between sweeps of processing/ for unleased jobs
+TMP_SWEEP_INTERVAL = 600.0  # seconds between sweeps of tmp/ (day-old leftovers) and of orphaned sidecars
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale worker
-MAX_EARLY_DEATHS = 3  # workers dying before ready, in a row, that stop the pool
+MAX_BOOT_FAILURES = 3  # a slot's workers dying before ready, in a row, that stop the pool
+STABLE_AFTER = 60.0  # a worker that ran this long before dying resets its slot's crash backoff
+
+
+class ProcessHandle(Protocol):
+    pid: int | None
+    exitcode: int | None
+
+    def is_alive(self) -> bool: ...
+
+
+@dataclass
+class PoolParams:
+    """The `pool.*` settings the loop's decisions use (reloadable)."""
+
+    heartbeat_timeout: float = 60.0
+    boot_timeout: float = 600.0
+    shutdown_timeout: float = 30.0
+    graceful_timeout: float = 600.0
+    respawn_backoff_max: float = 30.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PoolParams:
+        p = cfg.pool
+        return cls(p.heartbeat_timeout, p.boot_timeout, p.shutdown_timeout, p.graceful_timeout,
+                   p.respawn_backoff_max)
+
+
+@dataclass
+class WorkerProc:
+    """One worker process and what the supervisor knows of it."""
+
+    worker_id: str
+    generation: int
+    handle: Any
+    spawned: float  # monotonic
+    ready: bool = False
+    ready_at: float | None = None
+    beat_mtime: float | None = None  # the status file's mtime when last seen to change
+    beat_seen: float = 0.0  # monotonic time of that change
+    term_at: float | None = None  # SIGTERM sent (drain: finish the job in hand, claim no more)
+    killed: bool = False  # SIGKILL sent
+    stop_reason: str | None = None  # why we stopped it: reload, shutdown, stale, boot_timeout
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.handle.pid
 
 
 @dataclass
 class Slot:
-    """One worker position: the process in it now, and its history."""
+    """One worker position of the current generation."""
 
     worker_id: str
     device: str | None
-    process: Any = None
-    spawned_at: float = 0.0
-    ready: bool = False
+    generation: int
+    proc: WorkerProc | None = None
     restarts: int = 0
-    early_deaths: int = 0
+    crashes: int = 0  # deaths after ready in a row (each within STABLE_AFTER of becoming ready)
+    boot_failures: int = 0  # deaths before ready in a row
     respawn_at: float = 0.0
-    term_sent_at: float | None = None
-    generation: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
+    ever_ready: bool = False
+
+    @property
+    def process(self) -> Any:  # what metrics.worker_states and status read
+        return self.proc.handle if self.proc else None
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.proc.stats if self.proc else {}
+
+
+def backoff(failures: int, cap: float) -> float:
+    """0.5 s, 1 s, 2 s, ... up to `cap`: the wait before respawning after `failures` deaths in a row."""
+    return min(0.5 * 2 ** max(0, min(failures - 1, 16)), cap)
+
+
+class PoolCore:
+    """The supervisor's decisions, on an injected clock, process table and status reader.
+
+    `spawn(slot) -> handle` starts a worker for a slot; `send(pid, sig)` signals one; `read_status(id)`
+    returns (status dict, mtime or None). `tick()` returns the workers reaped this turn.
+    """
+
+    def __init__(self, devices: list[str | None], params: PoolParams, *, spawn: Callable[[Slot], Any],
+                 send: Callable[[int, int], None], read_status: Callable[[str], tuple[dict[str, Any], float | None]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.params, self._spawn_fn, self._send, self._read_status, self.clock = params, spawn, send, read_status, clock
+        self.generation = 0
+        self._next_id = 0
+        self.slots = [self._new_slot(dev) for dev in devices]
+        self.legacy: list[WorkerProc] = []  # workers of an older generation, serving or draining
+        self._previous: tuple[int, list[Slot], PoolParams] | None = None  # to revert a reload that cannot boot
+        self.stopping = False
+        self.fatal: str | None = None
+        self.uncounted_pids: set[int] = set()  # workers we killed: their jobs are requeued without an attempt
+        self.restarts_total = 0
+        self.reverted: str | None = None  # set when a reload was abandoned (the supervisor reverts its config)
+
+    def _new_slot(self, device: str | None) -> Slot:
+        self._next_id += 1
+        return Slot(f"w{self._next_id}", device, self.generation)
+
+    # ------------------------------------------------------------------ commands
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def reload(self, devices: list[str | None], params: PoolParams) -> None:
+        """A new generation: new slots (new worker ids) spawn first; old workers drain as new ones are ready."""
+        if self._previous is None:
+            self._previous = (self.generation, self.slots, self.params)
+        self.legacy += [s.proc for s in self.slots if s.proc is not None]
+        self.generation += 1
+        self.params = params
+        self.slots = [self._new_slot(dev) for dev in devices]
+
+    def begin_shutdown(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for proc in self.live():
+            if proc.term_at is None:
+                self._terminate(proc, "shutdown")
+
+    def live(self) -> list[WorkerProc]:
+        return [*(s.proc for s in self.slots if s.proc is not None), *self.legacy]
+
+    @property
+    def finished(self) -> bool:
+        return self.stopping and not self.live()
+
+    # ------------------------------------------------------------------ one turn
+    def tick(self) -> list[WorkerProc]:
+        now = self.clock()
+        reaped = self._reap(now)
+        self._check(now)
+        if not self.stopping and not self.fatal:
+            self._spawn_missing(now)
+            self._roll(now)
+        return reaped
+
+    def _spawn(self, slot: Slot) -> None:
+        handle = self._spawn_fn(slot)
+        now = self.clock()
+        slot.proc = WorkerProc(slot.worker_id, slot.generation, handle, now, beat_seen=now)
+        logger.info("worker {} spawned (pid {}, device {})", slot.worker_id, handle.pid, slot.device or "auto")
+
+    def _reap(self, now: float) -> list[WorkerProc]:
+        reaped = []
+        for proc in list(self.legacy):
+            if not proc.handle.is_alive():
+                self.legacy.remove(proc)
+                reaped.append(proc)
+                logger.info("worker {} (pid {}, old config) exited with code {}", proc.worker_id, proc.pid,
+                            proc.handle.exitcode)
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is None or proc.handle.is_alive():
+                continue
+            slot.proc = None
+            reaped.append(proc)
+            self._after_death(slot, proc, now)
+        if self._previous is not None and not self.legacy and all(s.ever_ready for s in self.slots):
+            self._previous = None  # the reload is complete: nothing to revert to any more
+        return reaped
+
+    def _after_death(self, slot: Slot, proc: WorkerProc, now: float) -> None:
+        code = proc.handle.exitcode
+        logger.debug("worker {} (pid {}) exited with code {}", slot.worker_id, proc.pid, code)
+        if self.stopping or self.fatal:
+            return
+        if proc.stop_reason is None and code in (EXIT_OK, EXIT_RECYCLE):  # a planned recycle
+            slot.respawn_at = now
+            return
+        if not proc.ready:
+            slot.boot_failures += 1
+            err = (proc.stats.get("error") or {}).get("message") or f"exit code {code}"
+            if self._previous is not None and not slot.ever_ready:
+                self._revert(f"worker {slot.worker_id} of the new config could not boot: {err}")
+                return
+            if code == EXIT_BOOT_FAILED and not any(s.ever_ready for s in self.slots):
+                self.fatal = f"worker {slot.worker_id} could not boot: {err}"
+                return
+            if slot.boot_failures >= MAX_BOOT_FAILURES:
+                self.fatal = (f"worker {slot.worker_id} died {slot.boot_failures} times before becoming ready "
+                              f"(last: {err}); see logs/worker-{slot.worker_id}.log")
+                return
+            delay = backoff(slot.boot_failures, self.params.respawn_backoff_max)
+        else:
+            self.restarts_total += 1
+            slot.restarts += 1
+            stable = proc.ready_at is not None and now - proc.ready_at >= STABLE_AFTER
+            slot.crashes = 1 if stable else slot.crashes + 1
+            delay = backoff(slot.crashes, self.params.respawn_backoff_max)
+        slot.respawn_at = now + delay
+        logger.warning("worker {} (pid {}) died with exit code {}; respawning in {:.1f}s", slot.worker_id,
+                       proc.pid, code, delay)
+
+    def _revert(self, why: str) -> None:
+        assert self._previous is not None
+        generation, slots, params = self._previous
+        logger.error("reload abandoned: {}; keeping the previous config's workers", why)
+        for slot in self.slots:  # the new generation's workers go
+            if slot.proc is not None:
+                self.legacy.append(slot.proc)
+                self._terminate(slot.proc, "reload")
+        by_id = {p.worker_id: p for p in self.legacy if p.term_at is None}
+        for slot in slots:  # the old ones come back; a slot whose worker already drained respawns
+            slot.proc = by_id.get(slot.worker_id)
+            if slot.proc is not None:
+                self.legacy.remove(slot.proc)
+        self.generation, self.slots, self.params, self._previous = generation, slots, params, None
+        self.reverted = why
+
+    def _check(self, now: float) -> None:
+        p = self.params
+        for slot in self.slots:
+            if slot.proc is not None:
+                self._observe(slot.proc, now, slot)
+        for proc in self.legacy:
+            self._observe(proc, now, None)
+        for proc in self.live():
+            if proc.killed:
+                continue
+            if proc.term_at is not None:
+                limit = {"shutdown": p.shutdown_timeout, "reload": p.graceful_timeout}.get(proc.stop_reason or "",
+                                                                                         KILL_GRACE)
+                if now - proc.term_at > limit:
+                    logger.warning("worker {} (pid {}) did not stop within {}s; SIGKILL", proc.worker_id, proc.pid,
+                                   limit)
+                    self._kill(proc)
+                continue
+            if not proc.ready and now - proc.spawned > p.boot_timeout:
+                logger.error("worker {} not ready after {}s (pool.boot_timeout); killing", proc.worker_id,
+                             p.boot_timeout)
+                proc.stop_reason = "boot_timeout"
+                self._kill(proc)
+            elif proc.ready and now - proc.beat_seen > p.heartbeat_timeout:
+                logger.error("worker {} heartbeat is {:.0f}s old (pool.heartbeat_timeout={}s); killing",
+                             proc.worker_id, now - proc.beat_seen, p.heartbeat_timeout)
+                self._terminate(proc, "stale")
+
+    def _observe(self, proc: WorkerProc, now: float, slot: Slot | None) -> None:
+        status, mtime = self._read_status(proc.worker_id)
+        if status.get("pid") != proc.pid:
+            return  # the file is still the previous process's
+        proc.stats = status
+        if mtime is not None and mtime != proc.beat_mtime:
+            proc.beat_mtime, proc.beat_seen = mtime, now
+        if not proc.ready and status.get("state") in ("ready", "busy"):
+            proc.ready, proc.ready_at = True, now
+            if slot is not None:
+                slot.ever_ready, slot.boot_failures = True, 0
+
+    def _spawn_missing(self, now: float) -> None:
+        serving_legacy = [p for p in self.legacy if p.term_at is None]
+        for slot in self.slots:
+            if slot.proc is not None or now < slot.respawn_at:
+                continue
+            booting = sum(1 for s in self.slots if s.proc is not None and not s.proc.ready)
+            if serving_legacy and booting >= 1:
+                return  # during a reload, one new worker boots at a time (memory: at most N+1 models)
+            self._spawn(slot)
+
+    def _roll(self, now: float) -> None:
+        """Retire old workers while ready new ones + serving old ones exceed the wanted count."""
+        serving = [p for p in self.legacy if p.term_at is None]
+        ready_new = sum(1 for s in self.slots if s.proc is not None and s.proc.ready)
+        while serving and ready_new + len(serving) > len(self.slots):
+            proc = serving.pop(0)
+            logger.info("worker {} retiring for the new config (drains its job, up to {}s)", proc.worker_id,
+                        self.params.graceful_timeout)
+            self._terminate(proc, "reload")
+
+    def _terminate(self, proc: WorkerProc, reason: str) -> None:
+        proc.stop_reason, proc.term_at = reason, self.clock()
+        self._signal(proc, signal.SIGTERM)
+
+    def _kill(self, proc: WorkerProc) -> None:
+        if proc.stop_reason in ("reload", "shutdown") and proc.pid is not None:
+            self.uncounted_pids.add(proc.pid)  # our decision, not the job's fault
+        proc.killed = True
+        self._signal(proc, signal.SIGKILL)
+
+    def _signal(self, proc: WorkerProc, sig: int) -> None:
+        if proc.pid is not None:
+            self._send(proc.pid, sig)
 
 
 def probe_devices() -> list[str]:
@@ -97,26 +383,55 @@ def plan_workers(cfg: Config, available: list[str], cpu_count: int | None = None
     return [None] * n
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def command_line_overrides(cfg: Config, config_path: str | None) -> dict[str, Any]:
+    """The settings `cfg` holds that the config file (+ environment) does not: the command line's
+    (--workers, --task-dir, --log-level). A reload re-applies them, so they survive SIGHUP."""
+    from transcribe.config import load_config
+
+    try:
+        base = _flat(load_config(config_path).model_dump(mode="json"))
+    except Exception:  # noqa: BLE001 - without a readable file, every setting counts as an override
+        base = {}
+    return {k: v for k, v in _flat(cfg.model_dump(mode="json")).items() if base.get(k, object()) != v}
+
+
 class Supervisor:
-    def __init__(self, cfg: Config, *, config_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, *, config_path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        self.overrides = command_line_overrides(cfg, config_path) if overrides is None else overrides
         self.td = TaskDir.from_config(cfg).ensure()
-        self.slots: list[Slot] = []
-        self.stopping = False
-        self.fatal: str | None = None
-        self.generation = 0
+        self.configs: dict[int, Config] = {0: cfg}  # the config each generation of workers runs
+        self.core: PoolCore | None = None
         self._signals: list[int] = []
         self._lock_fd: int | None = None
         self._ctx: Any = None
-        self.restarts_total = 0
         self.metrics: PoolMetrics | None = None
         if cfg.metrics.textfile:
             self.metrics = PoolMetrics(self.td, cfg.resolve_path(cfg.metrics.textfile))
         self._metrics_due = 0.0
+        self._sweep_due = 0.0
+        self._tmp_sweep_due = 0.0
+
+    @property
+    def slots(self) -> list[Slot]:
+        return self.core.slots if self.core else []
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
+        fault_injection.exempt()
+        self.td.check_one_filesystem()
         self._lock_fd = self.td.acquire_server_lock()
         os.umask(self.cfg.pool.umask)
         self._ctx = self._context()
@@ -124,35 +439,62 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         self.td.recover_all("supervisor_restart", "the previous supervisor stopped while the job ran",
                             keep_audio=self.cfg.pool.keep_audio)
-        devices = plan_workers(self.cfg, probe_devices() if self._needs_probe() else ["cpu"])
-        self.slots = [Slot(f"w{i + 1}", dev) for i, dev in enumerate(devices)]
-        logger.info("pool: {} workers on {} (task dir {})", len(self.slots),
-                    ", ".join(s.device or "auto" for s in self.slots), self.td.root)
-        for slot in self.slots:
-            self._spawn(slot)
-        try:
-            while True:
-                self._handle_signals()
-                self._reap()
-                if self.stopping or self.fatal:
-                    break
-                self._check_workers()
-                self._spawn_missing()
-                self._roll_generation()
-                self._write_status()
-                self._write_metrics()
-                time.sleep(TICK)
-        finally:
-            self._shutdown()
-        if self.fatal:
-            logger.error("pool stopped: {}", self.fatal)
+        devices = plan_workers(self.cfg, probe_devices() if self._needs_probe(self.cfg) else ["cpu"])
+        self.core = core = PoolCore(devices, PoolParams.from_config(self.cfg), spawn=self._spawn,
+                                    send=self._send, read_status=self._status_of)
+        logger.info("pool: {} workers on {} (task dir {})", len(core.slots),
+                    ", ".join(s.device or "auto" for s in core.slots), self.td.root)
+        core.start()
+        while not core.finished:
+            try:
+                self._turn(core)
+            except Exception as exc:  # noqa: BLE001 - the loop never dies: log, and try again next turn
+                logger.opt(exception=exc).error("supervisor turn failed: {}", exc)
+            if core.fatal and not core.stopping:
+                logger.error("pool stopping: {}", core.fatal)
+                core.begin_shutdown()
+            time.sleep(TICK)
+        self._sweep()  # what the last workers left (a shutdown past its timeout): requeued, not counted
+        self._write_status(state="stopped")
+        self._metrics_due = 0.0
+        self._write_metrics()
+        if core.fatal:
+            logger.error("pool stopped: {}", core.fatal)
             return 3
         logger.info("pool stopped cleanly")
         return 0
 
-    def _needs_probe(self) -> bool:
-        f = self.cfg.funasr
-        return self.cfg.pool.workers == "auto" or f.device in ("auto", "cuda")
+    def _turn(self, core: PoolCore) -> None:
+        self._handle_signals(core)
+        reaped = core.tick()
+        if core.reverted:
+            self.cfg = self.configs[core.generation]
+            core.reverted = None
+        current = {s.worker_id for s in core.slots}
+        for proc in reaped:
+            if proc.worker_id not in current:  # a retired worker: its status file goes with it
+                with contextlib.suppress(OSError):
+                    (self.td.workers / f"{proc.worker_id}.json").unlink()
+        now = time.monotonic()
+        if reaped or now >= self._sweep_due:
+            self._sweep()
+            self._sweep_due = now + SWEEP_INTERVAL
+        if now >= self._tmp_sweep_due:
+            self.td.sweep_tmp()
+            self.td.sweep_orphan_sidecars()
+            self._tmp_sweep_due = now + TMP_SWEEP_INTERVAL
+        self._write_status()
+        self._write_metrics()
+
+    def _sweep(self) -> None:
+        """Requeue jobs in processing/ whose lease nobody holds: a dead worker's, or a claim cut short."""
+        uncounted = self.core.uncounted_pids if self.core else set()
+        self.td.sweep("worker_died", "the worker stopped during the job", keep_audio=self.cfg.pool.keep_audio,
+                      counted=lambda holder: holder.get("pid") not in uncounted)
+
+    @staticmethod
+    def _needs_probe(cfg: Config) -> bool:
+        return cfg.pool.workers == "auto" or cfg.funasr.device in ("auto", "cuda")
 
     def _context(self) -> Any:
         import multiprocess
@@ -166,21 +508,23 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals.append(signum)
 
-    def _handle_signals(self) -> None:
+    def _handle_signals(self, core: PoolCore) -> None:
         while self._signals:
             sig = self._signals.pop(0)
-            if sig in (signal.SIGTERM, signal.SIGINT):
+            if sig in (signal.SIGTERM, signal.SIGINT) and not core.stopping:
                 logger.info("{}: stopping (running jobs get {}s to finish)", signal.Signals(sig).name,
                             self.cfg.pool.shutdown_timeout)
-                self.stopping = True
-            elif sig == signal.SIGHUP:
-                self._reload()
+                core.begin_shutdown()
+            elif sig == signal.SIGHUP and not core.stopping:
+                self._reload(core)
 
-    def _reload(self) -> None:
+    def _reload(self, core: PoolCore) -> None:
+        """Re-read the config file, re-apply the command-line overrides, start a new generation."""
         from transcribe.config import load_config
 
         try:
-            cfg = load_config(self.config_path)
+            cfg = load_config(self.config_path, overrides=self.overrides)
+            devices = plan_workers(cfg, probe_devices() if self._needs_probe(cfg) else ["cpu"])
         except ConfigError as e:
             logger.error("SIGHUP: config not reloaded: {}", e.message)
             return
@@ -188,153 +532,53 @@ class Supervisor:
             logger.warning("SIGHUP: pool.task_dir cannot change while serving; keeping {}", self.td.root)
             cfg.pool.task_dir = str(self.td.root)
         self.cfg = cfg
-        self.generation += 1
-        logger.info("SIGHUP: config reloaded; replacing workers one by one")
+        self.td.settle_seconds, self.td.max_attempts = cfg.pool.settle_seconds, cfg.pool.max_attempts
+        core.reload(devices, PoolParams.from_config(cfg))
+        self.configs[core.generation] = cfg  # kept: a reload that cannot boot reverts to an older one
+        logger.info("SIGHUP: config reloaded; {} new workers start, then the old ones drain", len(core.slots))
 
-    def _roll_generation(self) -> None:
-        """After a reload, retire one old worker at a time, only while all the others are ready."""
-        if self.stopping or any(not s.ready or s.term_sent_at for s in self.slots if s.process is not None):
-            return
-        old = next((s for s in self.slots if s.process is not None and s.generation < self.generation), None)
-        if old is not None:
-            logger.info("worker {} retiring for the new config", old.worker_id)
-            self._terminate(old)
-
-    # ------------------------------------------------------------------ workers
-    def _spawn(self, slot: Slot) -> None:
-        payload = json.dumps({"config": self.cfg.model_dump(mode="json"), "base_dir": self.cfg.base_dir})
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, slot: Slot) -> Any:
+        cfg = self.configs.get(slot.generation, self.cfg)
+        payload = json.dumps({"config": cfg.model_dump(mode="json"), "base_dir": cfg.base_dir})
         proc = self._ctx.Process(target=worker_main, args=(payload, slot.worker_id, slot.device, os.getpid()),
                                  name=f"transcribe-{slot.worker_id}", daemon=False)
         proc.start()
-        slot.process, slot.spawned_at, slot.ready, slot.term_sent_at = proc, time.time(), False, None
-        slot.generation = self.generation
-        logger.info("worker {} spawned (pid {}, device {})", slot.worker_id, proc.pid, slot.device or "auto")
+        return proc
 
-    def _status_of(self, slot: Slot) -> tuple[dict[str, Any], float | None]:
-        path = self.td.workers / f"{slot.worker_id}.json"
+    @staticmethod
+    def _send(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _status_of(self, worker_id: str) -> tuple[dict[str, Any], float | None]:
+        path = self.td.workers / f"{worker_id}.json"
         try:
             mtime = path.stat().st_mtime
             return json.loads(path.read_text(encoding="utf-8")), mtime
         except (OSError, ValueError):
             return {}, None
 
-    def _reap(self) -> None:
-        for slot in self.slots:
-            proc = slot.process
-            if proc is None or proc.is_alive():
-                continue
-            proc.join(0)
-            code, pid = proc.exitcode, proc.pid
-            status, _ = self._status_of(slot)
-            slot.process = None
-            logger.debug("worker {} (pid {}) exited with code {}", slot.worker_id, pid, code)
-            self._requeue_jobs_of(pid, f"worker {slot.worker_id} (pid {pid}) exited with code {code} during the job")
-            if code == EXIT_BOOT_FAILED:
-                err = (status.get("error") or {}).get("message", "unknown error")
-                self.fatal = f"worker {slot.worker_id} could not boot: {err}"
-                return
-            if self.stopping:
-                continue
-            if code in (EXIT_OK, EXIT_RECYCLE):  # retired after a reload, or a planned recycle
-                slot.respawn_at = time.time()
-                continue
-            self.restarts_total += 1
-            slot.restarts += 1
-            if not slot.ready:
-                slot.early_deaths += 1
-                if slot.early_deaths >= MAX_EARLY_DEATHS:
-                    self.fatal = (f"worker {slot.worker_id} died {slot.early_deaths} times before becoming ready "
-                                  f"(last exit code {code}); see logs/worker-{slot.worker_id}.log")
-                    return
-            delay = min(0.5 * 2 ** min(slot.early_deaths, 6), self.cfg.pool.respawn_backoff_max)
-            slot.respawn_at = time.time() + (delay if not slot.ready else 0.5)
-            logger.warning("worker {} (pid {}) died with exit code {}; respawning in {:.1f}s", slot.worker_id, pid,
-                           code, slot.respawn_at - time.time())
-
-    def _requeue_jobs_of(self, pid: int, message: str) -> None:
-        for job_dir, lease in self.td.processing_jobs():
-            if lease.get("pid") == pid:
-                outcome = self.td.recover(job_dir, "worker_died", message, keep_audio=self.cfg.pool.keep_audio)
-                logger.warning("job {}: {} ({})", job_dir.name, outcome, message)
-
-    def _check_workers(self) -> None:
-        now = time.time()
-        p = self.cfg.pool
-        for slot in self.slots:
-            if slot.process is None:
-                continue
-            status, beat = self._status_of(slot)
-            slot.stats = status
-            if status.get("pid") == slot.process.pid and status.get("state") in ("ready", "busy") and not slot.ready:
-                slot.ready, slot.early_deaths = True, 0
-            if slot.term_sent_at is not None:
-                if now - slot.term_sent_at > (p.shutdown_timeout if self.stopping else KILL_GRACE):
-                    logger.warning("worker {} (pid {}) did not stop; SIGKILL", slot.worker_id, slot.process.pid)
-                    self._kill(slot, signal.SIGKILL)
-                continue
-            if not slot.ready and now - slot.spawned_at > p.boot_timeout:
-                logger.error("worker {} not ready after {}s (pool.boot_timeout); killing", slot.worker_id,
-                             p.boot_timeout)
-                self._kill(slot, signal.SIGKILL)
-            elif slot.ready and beat is not None and now - beat > p.heartbeat_timeout:
-                logger.error("worker {} heartbeat is {:.0f}s old (pool.heartbeat_timeout={}s); killing",
-                             slot.worker_id, now - beat, p.heartbeat_timeout)
-                self._terminate(slot)
-
-    def _terminate(self, slot: Slot) -> None:
-        self._kill(slot, signal.SIGTERM)
-        slot.term_sent_at = time.time()
-
-    @staticmethod
-    def _kill(slot: Slot, sig: int) -> None:
-        try:
-            os.kill(slot.process.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def _spawn_missing(self) -> None:
-        if self.stopping:
-            return
-        now = time.time()
-        for slot in self.slots:
-            if slot.process is None and now >= slot.respawn_at:
-                self._spawn(slot)
-
-    # ------------------------------------------------------------------ shutdown and status
-    def _shutdown(self) -> None:
-        live = [s for s in self.slots if s.process is not None and s.process.is_alive()]
-        for slot in live:
-            self._kill(slot, signal.SIGTERM)
-        deadline = time.time() + self.cfg.pool.shutdown_timeout
-        for slot in live:
-            slot.process.join(max(0.0, deadline - time.time()))
-        for slot in live:
-            if slot.process.is_alive():
-                logger.warning("worker {} still running after {}s; SIGKILL, its job goes back to the inbox",
-                               slot.worker_id, self.cfg.pool.shutdown_timeout)
-                self._kill(slot, signal.SIGKILL)
-                slot.process.join(10)
-        for slot in live:
-            self._requeue_jobs_of(slot.process.pid, f"worker {slot.worker_id} stopped by shutdown during the job")
-        self._write_status(state="stopped")
-        self._metrics_due = 0.0
-        self._write_metrics()
-
+    # ------------------------------------------------------------------ status
     def _write_metrics(self) -> None:
-        if self.metrics is None or time.time() < self._metrics_due:
+        if self.metrics is None or time.time() < self._metrics_due or self.core is None:
             return
         self._metrics_due = time.time() + METRICS_INTERVAL
         try:
-            self.metrics.update(worker_states(self.slots), self.restarts_total)
+            self.metrics.update(worker_states(self.core.slots), self.core.restarts_total)
         except OSError as e:
             logger.warning("cannot write metrics to {}: {}", self.metrics.path, e)
 
     def _write_status(self, state: str = "running") -> None:
+        core = self.core
         info = {
             "pid": os.getpid(), "state": state, "updated": now_iso(), "mode": "pool",
-            "workers": [{"worker_id": s.worker_id, "pid": s.process.pid if s.process else None,
-                         "device": s.device, "restarts": s.restarts} for s in self.slots],
-            "restarts_total": self.restarts_total,
+            "workers": [{"worker_id": s.worker_id, "pid": s.proc.pid if s.proc else None,
+                         "device": s.device, "restarts": s.restarts} for s in (core.slots if core else [])],
+            "draining": [{"worker_id": p.worker_id, "pid": p.pid} for p in (core.legacy if core else [])],
+            "restarts_total": core.restarts_total if core else 0,
         }
         try:
             write_atomic(self.td.root / "supervisor.json", json.dumps(info), self.td.tmp, 0o640)

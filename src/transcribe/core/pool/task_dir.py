@@ -5,7 +5,8 @@
     <task_dir>/
       inbox/        dropped audio (+ optional sidecar <name>.json), and requeued jobs <job-id>.job/
       tmp/          staging: `submit` builds <job-id>.job/ here, then renames it into inbox/
-      processing/   <job-id>/ : the audio (original name), job.json (options, attempts), lease.json
+      processing/   <job-id>/ : the audio (original name), job.json (options, attempts, lease token)
+      leases/       <job-id>.lock : the lease; flocked by the job's owner for as long as it owns the job
       done/         <job-id>.json result (+ <job-id>.txt/.srt/...), <job-id>/ archived audio (pool.keep_audio)
       failed/       <job-id>/ : the audio, job.json and error.json (reason, error type, attempts, worker, times)
       workers/      <worker-id>.json: each worker's status; its mtime is the worker's heartbeat
@@ -13,38 +14,61 @@
 Invariants (docs/task-directory.md):
 - A job is in exactly one of inbox/, processing/, done/ (its result), failed/ at any instant; moves are
   ``rename(2)`` on one filesystem, so a crash leaves it in the old place or the new one, never both/neither.
-- Claim = one rename out of inbox/. Two workers racing for one file: one rename wins, the other gets
-  FileNotFoundError and moves on. No locks.
-- Commit = the result JSON renamed into done/ (written to tmp/, fsynced first). Only then is the
+- Claim = take the job's lease, then one rename out of inbox/. Two claimers racing for one file: one rename
+  wins, the other gets FileNotFoundError and moves on.
+
+Fencing (who may touch a job in processing/):
+- Owning a job is holding its **lease**: an exclusive ``flock`` on ``leases/<job-id>.lock``, taken *before*
+  the claim rename and held until the job has left processing/. The kernel drops it when the owner dies,
+  so "is the lease held?" is "is the owner alive?", with no pid to trust. `Job.lease` (a `Lease`: open fd +
+  token) is that ownership; any process may claim (a pool worker, lock mode, a Ray driver) and it must
+  keep the `Job` object - the fd - until it commits.
+- `complete`, `fail` and `release` first check the fence: the lease is still flocked by us, its lock file
+  is still the one at ``leases/<job-id>.lock``, the job is still in processing/ and job.json carries our
+  token. Otherwise they raise `LeaseLost` and touch nothing (no result, no archive, no delete).
+- Recovery (`recover`, `sweep`, `recover_all`) takes the lease itself with ``LOCK_NB``: a job whose lease
+  is held by a live process is skipped; only unheld jobs are requeued or finished. The lock file is
+  unlinked only by its holder, after the job has left processing/.
+- Commit = the result JSON renamed into done/ (written to tmp/, fsynced, folder fsynced). Only then is the
   processing/ entry archived or removed. Recovery that finds the result already in done/ finishes that
   cleanup and never transcribes again.
-- Recovery is a scan of processing/: nothing is ever deleted at start-up.
+- Names: every internal name (job folders, lock files, staging files) is derived from the job id, never
+  from the dropped file's name; an inbox entry whose name can never be processed (not UTF-8, too long for
+  its sidecar) goes to failed/ with `name_invalid` / `name_too_long`, its bytes intact.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import stat
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from loguru import logger
 
 from transcribe.core.errors import TranscribeError
 from transcribe.core.fault_injection import crash_point
-from transcribe.core.fsio import now_iso, write_atomic
+from transcribe.core.fsio import dumps_json, fsync_dir, now_iso, printable, write_atomic
 from transcribe.core.pool.jobs import (
     Job,
     JobOptions,
     JobRecord,
+    LeaseLost,
     RefusedInput,
+    name_problem,
+    name_to_json,
     new_job_id,
     parse_options,
 )
@@ -52,8 +76,12 @@ from transcribe.core.pool.jobs import (
 STATES = ("inbox", "tmp", "processing", "done", "failed")
 JOB_SUFFIX = ".job"  # a requeued or submitted job in inbox/: a directory holding audio + job.json
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", ".json")
+SIDECAR_SUFFIXES = (".json",)
 JOB_FILE, LEASE_FILE, SIDECAR_FILE, ERROR_FILE = "job.json", "lease.json", "sidecar.json", "error.json"
-STATUS_DIR = "workers"
+STATUS_DIR, LEASES_DIR = "workers", "leases"
+TMP_MAX_AGE = 24 * 3600.0  # tmp/ entries older than this are leftovers of a crash, swept by the supervisor
+# Disk-level errors: every entry would hit them, so a claim pass stops at the first one instead of trying all.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 @dataclass
@@ -69,67 +97,287 @@ def _is_candidate(name: str) -> bool:
     return not name.startswith(".") and not name.lower().endswith(IGNORED_SUFFIXES)
 
 
+def errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, "OSError")
+
+
+@dataclass(eq=False)
+class Lease:
+    """Ownership of one job: an open fd holding an exclusive flock on ``leases/<job-id>.lock``.
+
+    The flock lives as long as the fd (and dies with the process), so whoever holds it is alive. The
+    token is written into job.json at claim; `TaskDir` checks both before it commits anything.
+    """
+
+    job_id: str
+    path: Path
+    fd: int | None
+    token: str | None
+
+    @property
+    def held(self) -> bool:
+        """Open, and still the lock file at `path` (the holder alone unlinks it)."""
+        if self.fd is None:
+            return False
+        try:
+            mine, there = os.fstat(self.fd), os.stat(self.path)
+        except OSError:
+            return False
+        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+    def read_info(self) -> dict[str, Any]:
+        """What the last holder wrote into the lock file (worker, pid, token, started)."""
+        if self.fd is None:
+            return {}
+        try:
+            return json.loads(os.pread(self.fd, 65536, 0).decode("utf-8", "replace") or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        assert self.fd is not None
+        data = dumps_json(info).encode("utf-8")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def drop(self) -> None:
+        """The job has left processing/: unlink the lock file, then close (releasing the flock)."""
+        if self.fd is None:
+            return
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Close without unlinking: the job stays where it is, and the next sweep recovers it."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class _ScanCache:
+    """One process's view of the inbox: candidates from the last scan, claimed from until empty."""
+
+    queue: collections.deque[str] = field(default_factory=collections.deque)
+    scanned_at: float = float("-inf")  # time.monotonic()
+    priorities: dict[tuple[str, int, int], int] = field(default_factory=dict)  # (name, mtime_ns, size)
+    settled: dict[str, os.stat_result] = field(default_factory=dict)  # non-directories already seen settled
+    ready: dict[str, tuple[int, float, str]] = field(default_factory=dict)  # name -> sort key, from the last scan
+    sidecars: dict[str, int] = field(default_factory=dict)  # sidecar name -> mtime_ns, from the last scan
+    unclaimable: dict[str, int] = field(default_factory=dict)  # name -> mtime_ns: left alone until it changes
+
+
 class TaskDir:
     """Operations on one task directory. Every method is safe to run from many processes at once."""
 
     def __init__(self, root: str | os.PathLike[str], *, settle_seconds: float = 1.0, max_attempts: int = 3,
-                 max_sidecar_bytes: int = 64 * 1024, umask: int = 0o027) -> None:
+                 max_sidecar_bytes: int = 64 * 1024, umask: int = 0o027, rescan_after: float = 1.0) -> None:
         self.root = Path(root)
         self.settle_seconds = settle_seconds
         self.max_attempts = max_attempts
         self.max_sidecar_bytes = max_sidecar_bytes
+        # A claimer rescans the inbox when its candidate list is empty or older than this (new arrivals,
+        # a new high priority); in between, a claim is O(1): no rescan, no sidecar re-read per claim.
+        self.rescan_after = rescan_after
         self.dir_mode = 0o777 & ~umask
         self.file_mode = 0o666 & ~umask
         self.inbox, self.tmp, self.processing = self.root / "inbox", self.root / "tmp", self.root / "processing"
         self.done, self.failed, self.workers = self.root / "done", self.root / "failed", self.root / STATUS_DIR
+        self.leases = self.root / LEASES_DIR
+        self._scan = _ScanCache()
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "TaskDir":
+    def from_config(cls, cfg: Any) -> TaskDir:
         p = cfg.pool
         return cls(cfg.resolve_path(p.task_dir), settle_seconds=p.settle_seconds, max_attempts=p.max_attempts,
-                   max_sidecar_bytes=p.max_sidecar_bytes, umask=p.umask)
+                   max_sidecar_bytes=p.max_sidecar_bytes, umask=p.umask,
+                   rescan_after=min(max(p.settle_seconds, 0.2), p.rescan_interval, 1.0))
 
-    def ensure(self) -> "TaskDir":
-        for d in (self.root, *(self.root / s for s in STATES), self.workers):
+    def folders(self) -> list[Path]:
+        return [self.root, *(self.root / s for s in STATES), self.workers, self.leases]
+
+    def ensure(self) -> TaskDir:
+        for d in self.folders():
             d.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
         return self
 
-    # ------------------------------------------------------------------ claiming
-    def candidates(self, now: float | None = None) -> list[Path]:
-        """Inbox entries ready to claim, best first: priority (high first), then oldest first."""
-        now = time.time() if now is None else now
-        ready: list[tuple[int, float, str, Path]] = []
-        try:
-            entries = list(os.scandir(self.inbox))
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            if not _is_candidate(entry.name):
-                continue
+    def check_one_filesystem(self) -> None:
+        """Jobs move by rename(2), which cannot cross filesystems (EXDEV): refuse to serve a task dir whose
+        folders are separate mounts (typically Docker bind mounts of inbox/ and done/)."""
+        devices = {}
+        for d in self.folders():
             try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            path = Path(entry.path)
-            if stat.S_ISDIR(st.st_mode):
-                if not entry.name.endswith(JOB_SUFFIX):
-                    continue
-                priority = self._job_dir_priority(path)
-            else:
-                # Still being written? Its mtime moves with every write; wait until it has settled.
-                if now - st.st_mtime < self.settle_seconds:
-                    continue
-                priority = self._sidecar_priority(path)
-            ready.append((-priority, st.st_mtime, entry.name, path))
-        ready.sort(key=lambda t: t[:3])
-        return [t[3] for t in ready]
+                devices[d] = os.stat(d).st_dev
+            except OSError as e:
+                raise TranscribeError(f"cannot use task dir folder {d}: {e.strerror}") from None
+        try:  # job leases are flocks: a filesystem without them (some network mounts) cannot fence jobs
+            probe = self.take_lease(".probe")
+            if probe is not None:
+                probe.drop()
+        except OSError as e:
+            raise TranscribeError(f"{self.leases} does not support file locks ({e.strerror}); job leases need them: "
+                                  f"put pool.task_dir on a local filesystem (or NFSv4 with locking)") from None
+        root_dev = devices[self.root]
+        apart = [d for d, dev in devices.items() if dev != root_dev]
+        if apart:
+            names = ", ".join(f"{d.name}/" for d in apart)
+            raise TranscribeError(
+                f"{names} in {self.root} {'is' if len(apart) == 1 else 'are'} on a different filesystem than the "
+                f"task directory; jobs move by rename, which cannot cross filesystems. Mount the whole task "
+                f"directory as one volume (e.g. `-v /data/tasks:/tasks`, not separate mounts for inbox/ and done/), "
+                f"or point pool.task_dir at a folder on one filesystem")
 
-    def _sidecar_priority(self, audio: Path) -> int:
-        side = self.sidecar_for(audio)
-        if side is None:
-            return 0
+    # ------------------------------------------------------------------ leases
+    def _lease_path(self, job_id: str) -> Path:
+        raw = os.fsencode(job_id)
+        if len(raw) <= 200 and job_id.isprintable() and printable(job_id) == job_id:
+            return self.leases / f"{job_id}.lock"
+        return self.leases / f"{hashlib.sha256(raw).hexdigest()[:32]}.lock"  # never over NAME_MAX
+
+    def take_lease(self, job_id: str, info: dict[str, Any] | None = None) -> Lease | None:
+        """The job's lease if nobody holds it (non-blocking), else None."""
+        path = self._lease_path(job_id)
+        for _ in range(3):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.file_mode)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            lease = Lease(job_id, path, fd, uuid.uuid4().hex)
+            if lease.held:
+                if info is not None:
+                    try:
+                        lease.write_info({**info, "token": lease.token})
+                    except BaseException:
+                        lease.drop()
+                        raise
+                return lease
+            lease.abandon()  # locked a file its holder had just unlinked: open the current one
+        return None
+
+    def lease_info(self, job_id: str) -> dict[str, Any]:
+        """Who holds a job (worker, pid, token, started) as its owner wrote it; {} if unknown."""
         try:
-            return int(json.loads(side.read_bytes()[: self.max_sidecar_bytes]).get("priority", 0))
+            return json.loads(self._lease_path(job_id).read_text(encoding="utf-8", errors="replace") or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _disk_token(self, job_dir: Path) -> str | None:
+        try:
+            return json.loads((job_dir / JOB_FILE).read_bytes()).get("lease_token")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def check_owner(self, job: Job) -> None:
+        """The fence: raise `LeaseLost` unless `job` is still ours to commit, fail or requeue."""
+        lease = job.lease
+        if lease is None or not lease.held:
+            raise LeaseLost(f"job {job.job_id}: this process does not hold its lease; it was recovered and "
+                            f"may be running elsewhere, so nothing of it is touched")
+        if job.dir.parent != self.processing or not job.dir.is_dir():
+            raise LeaseLost(f"job {job.job_id} is no longer in processing/")
+        if self._disk_token(job.dir) != lease.token:
+            raise LeaseLost(f"job {job.job_id} was claimed again (lease token changed)")
+
+    # ------------------------------------------------------------------ scanning and claiming
+    def scan(self, now: float | None = None) -> list[Path]:
+        """Inbox entries ready to claim, best first: priority (high first), then oldest first."""
+        return [self.inbox / name for name in self._ready_names(now)]
+
+    def _ready_names(self, now: float | None = None) -> list[str]:
+        """The names of `scan`, cheaply enough for 10,000 waiting files.
+
+        One ``scandir``. An entry found ready by an earlier scan keeps its place (no stat, no sidecar read)
+        unless a sidecar of its name appeared or changed since; the rest get an ``lstat`` unless already seen
+        settled, and a sidecar's priority is read once per (name, mtime, size). A claim re-checks the entry
+        it takes, so a stale view costs a skipped claim, never a wrong one. An audio file is ready once it
+        and its sidecar (if any) have been still for `settle_seconds`.
+        """
+        now = time.time() if now is None else now
+        cache, settle = self._scan, self.settle_seconds
+        kept: dict[str, tuple[int, float, str]] = {}
+        fresh: dict[str, os.DirEntry[str]] = {}
+        try:
+            with os.scandir(self.inbox) as it:
+                for entry in it:
+                    key = cache.ready.get(entry.name)
+                    if key is None:
+                        fresh[entry.name] = entry
+                    else:
+                        kept[entry.name] = key
+        except OSError as e:
+            if not isinstance(e, FileNotFoundError):
+                logger.error("cannot list {}: {} ({})", self.inbox, e.strerror, errno_name(e))
+            return []
+        stats: dict[str, os.stat_result] = {}
+        for name, entry in fresh.items():
+            st = cache.settled.get(name)
+            if st is None:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone since the listing (claimed by someone else)
+            stats[name] = st
+        sidecars = {n: st.st_mtime_ns for n, st in stats.items() if n.lower().endswith(SIDECAR_SUFFIXES)}
+        changed = {n.rsplit(".", 1)[0] for n, m in sidecars.items() if cache.sidecars.get(n) != m}
+        if changed:  # a sidecar appeared or changed: its audio is looked at again (priority, settle)
+            for name in [n for n in kept if n in changed or n.rsplit(".", 1)[0] in changed]:
+                del kept[name]
+                with contextlib.suppress(OSError):
+                    stats[name] = os.lstat(self.inbox / name)
+        cache.settled = {name: st for name, st in stats.items()
+                         if not stat.S_ISDIR(st.st_mode) and now - st.st_mtime >= settle}
+        settled, priorities, unclaimable = cache.settled, cache.priorities, cache.unclaimable
+        seen_priorities: dict[tuple[str, int, int], int] = {}
+        for name, st in stats.items():
+            if name[0] == "." or name.lower().endswith(IGNORED_SUFFIXES) or unclaimable.get(name) == st.st_mtime_ns:
+                continue
+            if name not in settled:
+                if not (stat.S_ISDIR(st.st_mode) and name.endswith(JOB_SUFFIX)):
+                    continue  # still being written (its mtime moves with every write), or not a job
+                key = (name, st.st_mtime_ns, 0)
+                priority = priorities.get(key)
+                if priority is None:
+                    priority = self._job_dir_priority(self.inbox / name)
+            else:
+                side_name = self._sidecar_name(name, stats)
+                key = (name, 0, -1)
+                if side_name is not None:
+                    side = stats[side_name]
+                    if side_name not in settled:
+                        continue  # its sidecar is still being written
+                    key = (side_name, side.st_mtime_ns, side.st_size)
+                priority = priorities.get(key)
+                if priority is None:
+                    priority = self._sidecar_priority(self.inbox / side_name) if side_name else 0
+            seen_priorities[key] = priority
+            kept[name] = (-priority, st.st_mtime, name)
+        cache.priorities, cache.ready, cache.sidecars = seen_priorities, kept, sidecars
+        return [key[2] for key in sorted(kept.values())]
+
+    candidates = scan  # the name older callers use
+
+    @staticmethod
+    def _sidecar_name(audio_name: str, names: dict[str, Any] | set[str]) -> str | None:
+        """``<name>.json`` (``talk.wav.json``), else ``<stem>.json`` (``talk.json``), if present."""
+        stem = audio_name.rsplit(".", 1)[0] if "." in audio_name[1:] else audio_name
+        for cand in (audio_name + ".json", stem + ".json"):
+            if cand != audio_name and cand in names:
+                return cand
+        return None
+
+    def _sidecar_priority(self, side: Path) -> int:
+        try:
+            with open(side, "rb") as f:
+                data = json.loads(f.read(self.max_sidecar_bytes))
+            return int(data.get("priority", 0))
         except (OSError, ValueError, TypeError, AttributeError):
             return 0  # a bad sidecar is reported when the job runs, not here
 
@@ -141,54 +389,147 @@ class TaskDir:
             return 0
 
     def sidecar_for(self, audio: Path) -> Path | None:
-        """``<name>.json`` (``talk.wav.json``), else ``<stem>.json`` (``talk.json``)."""
-        for cand in (audio.with_name(audio.name + ".json"), audio.with_suffix(".json")):
-            if cand != audio and cand.is_file() and not cand.is_symlink():
-                return cand
+        """The sidecar file of `audio` in its folder, if there is one (a regular file, not a link)."""
+        stem_side = audio.with_suffix(".json") if audio.suffix else None
+        for cand in (audio.name + ".json", stem_side.name if stem_side else None):
+            if cand is None or cand == audio.name or len(os.fsencode(cand)) > 255:
+                continue
+            p = audio.with_name(cand)
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(p).st_mode):
+                    return p
         return None
 
     def claim(self, entry: Path, worker_id: str) -> Job | None:
-        """Take `entry` out of inbox/ by one rename. None if another worker was faster."""
-        if entry.name.endswith(JOB_SUFFIX) and entry.is_dir() and not entry.is_symlink():
-            job_id = entry.name[: -len(JOB_SUFFIX)]
-            target = self.processing / job_id
+        """Take `entry` out of inbox/: lease first, then one rename. None if it is not (or no longer) ready,
+        another claimer was faster, or it could never run (then it is in failed/ with the reason).
+        Raises OSError for what the filesystem refuses (the caller, `claim_next`, classifies it)."""
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
+            return None
+        is_job_dir = stat.S_ISDIR(st.st_mode)
+        if is_job_dir and not entry.name.endswith(JOB_SUFFIX):
+            return None
+        if not is_job_dir and time.time() - st.st_mtime < self.settle_seconds:
+            self._forget(entry.name)
+            return None  # written to since the scan: not settled after all
+        job_id = entry.name[: -len(JOB_SUFFIX)] if is_job_dir else new_job_id(entry.name)
+        lease = self.take_lease(job_id, {"worker": worker_id, "pid": os.getpid(), "started": now_iso(),
+                                         "started_ts": time.time()})
+        if lease is None:
+            return None  # its requeuer or another claimer still holds it
+        target = self.processing / job_id
+        try:
             crash_point("claim.before")
-            try:
+            if is_job_dir:
                 os.rename(entry, target)
-            except FileNotFoundError:
-                return None
-            crash_point("claim.after")
-            record = self._read_record(target)
-        else:
-            job_id = new_job_id(entry.name)
-            target = self.processing / job_id
-            target.mkdir(mode=self.dir_mode)
-            crash_point("claim.before")
-            try:
-                os.rename(entry, target / entry.name)
-            except FileNotFoundError:
-                target.rmdir()
-                return None
-            crash_point("claim.after")
+            else:
+                target.mkdir(mode=self.dir_mode)
+                try:
+                    os.rename(entry, target / entry.name)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        target.rmdir()
+                    raise
+        except FileNotFoundError:
+            lease.drop()
+            return None
+        except BaseException:
+            lease.drop()
+            raise
+        crash_point("claim.after")
+        side_name = None
+        if not is_job_dir:
             side = self.sidecar_for(entry)
             if side is not None:
-                with contextlib.suppress(FileNotFoundError):
+                side_name = side.name
+                try:
                     os.rename(side, target / SIDECAR_FILE)
-            record = JobRecord(job_id, entry.name, entry.name, now_iso())
+                except FileNotFoundError:
+                    side_name = None
+                except OSError as e:  # the job runs without its options rather than not at all
+                    logger.warning("job {}: cannot take sidecar {!r}: {}", job_id, side.name, e)
+                    side_name = None
+        record = self._read_record(target) if is_job_dir else JobRecord(job_id, entry.name, entry.name, now_iso())
         record.attempts += 1
         record.claimed = time.time()
-        write_atomic(target / JOB_FILE, record.to_json(), target, self.file_mode)
-        lease = {"worker": worker_id, "pid": os.getpid(), "attempt": record.attempts, "started": now_iso(),
-                 "started_ts": time.time()}
-        write_atomic(target / LEASE_FILE, json.dumps(lease), target, self.file_mode)
-        return Job(target, record)
+        record.lease_token = lease.token
+        job = Job(target, record, lease)
+        try:
+            write_atomic(target / JOB_FILE, record.to_json(), target, self.file_mode)
+        except OSError:
+            self._unclaim(job, entry, is_job_dir, side_name)
+            raise
+        problem = name_problem(entry.name) or (name_problem(record.audio_name) if is_job_dir else None)
+        if problem is not None:
+            reason, message = problem
+            try:
+                self.fail(job, {"reason": reason, "error_type": "UnprocessableName", "message": message,
+                                "retryable": False}, worker_id)
+            except OSError:
+                lease.abandon()  # left in processing/, unleased: the sweep settles it later
+                raise
+            return None
+        return job
+
+    def _unclaim(self, job: Job, entry: Path, is_job_dir: bool, side_name: str | None) -> None:
+        """Undo a claim that could not record itself (job.json not written: a full disk)."""
+        assert job.lease is not None
+        try:
+            if is_job_dir:
+                os.rename(job.dir, entry)
+            else:
+                os.rename(job.dir / entry.name, entry)
+                if side_name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(job.dir / SIDECAR_FILE, self.inbox / side_name)
+                job.dir.rmdir()
+        except OSError as e:
+            logger.warning("job {}: claim could not be undone ({}); the sweep will requeue it", job.job_id, e)
+            job.lease.abandon()
+            return
+        job.lease.drop()
 
     def claim_next(self, worker_id: str) -> Job | None:
-        for entry in self.candidates():
-            job = self.claim(entry, worker_id)
+        """Claim the best ready entry, or None. Never raises for the filesystem: errors are classified,
+        logged, and the entry (or, for a full disk, the pass) is skipped."""
+        cache = self._scan
+        if not cache.queue or time.monotonic() - cache.scanned_at > self.rescan_after:
+            cache.queue = collections.deque(self._ready_names())
+            cache.scanned_at = time.monotonic()
+        while cache.queue:
+            entry = self.inbox / cache.queue.popleft()
+            try:
+                job = self.claim(entry, worker_id)
+            except OSError as e:
+                if e.errno in _DISK_ERRNOS:
+                    logger.error("cannot claim from {}: {} ({}); retrying later", self.inbox, e.strerror,
+                                 errno_name(e))
+                    cache.queue.clear()
+                    return None
+                self._mark_unclaimable(entry, e)
+                continue
             if job is not None:
                 return job
         return None
+
+    def _mark_unclaimable(self, entry: Path, exc: OSError) -> None:
+        """An entry this filesystem will not move: leave it in the inbox, untouched, until it changes."""
+        hint = {errno.EXDEV: "the inbox and processing/ are on different filesystems; mount the whole task "
+                             "directory as one volume",
+                errno.EACCES: "the server may not move it; fix the permissions of the inbox",
+                errno.EPERM: "the server may not move it; fix the permissions of the inbox"}.get(exc.errno or 0, "")
+        logger.error("cannot claim {!r}: {} ({}){}", printable(entry.name), exc.strerror, errno_name(exc),
+                     f"; {hint}" if hint else "")
+        with contextlib.suppress(OSError):
+            self._scan.unclaimable[entry.name] = os.lstat(entry).st_mtime_ns
+        self._forget(entry.name)
+
+    def _forget(self, name: str) -> None:
+        """Drop what the scan cache knows of `name`: the next scan looks at it afresh."""
+        self._scan.settled.pop(name, None)
+        self._scan.ready.pop(name, None)
 
     def _read_record(self, job_dir: Path) -> JobRecord:
         """job.json, or one rebuilt from the dir (a crash right after the claim rename leaves none)."""
@@ -212,19 +553,20 @@ class TaskDir:
         """Refuse what must never be read: symlinks (not followed), hard links, FIFOs and devices."""
         from transcribe.core.errors import AudioError
 
+        name = printable(job.record.original_name)
         try:
             st = os.lstat(job.audio_path)
         except FileNotFoundError:
-            raise AudioError(f"{job.record.original_name!r}: the job holds no audio file") from None
+            raise AudioError(f"{name!r}: the job holds no audio file") from None
         if stat.S_ISLNK(st.st_mode):
-            raise RefusedInput("symlink_refused", f"{job.record.original_name!r} is a symbolic link; links are not "
-                                              f"followed (copy the file into the inbox instead)")
+            raise RefusedInput("symlink_refused", f"{name!r} is a symbolic link; links are not "
+                                                  f"followed (copy the file into the inbox instead)")
         if not stat.S_ISREG(st.st_mode):
-            raise RefusedInput("not_regular_file", f"{job.record.original_name!r} is not a regular file "
-                                               f"(FIFOs, devices and directories are refused)")
+            raise RefusedInput("not_regular_file", f"{name!r} is not a regular file "
+                                                   f"(FIFOs, devices and directories are refused)")
         if st.st_nlink > 1:
-            raise RefusedInput("hardlink_refused", f"{job.record.original_name!r} has {st.st_nlink} hard links; "
-                                               f"hard-linked files are refused (copy the file instead)")
+            raise RefusedInput("hardlink_refused", f"{name!r} has {st.st_nlink} hard links; "
+                                                   f"hard-linked files are refused (copy the file instead)")
 
     def options(self, job: Job) -> JobOptions:
         """The job's options: from submit (job.json) or its sidecar; `SidecarError` if invalid."""
@@ -239,109 +581,274 @@ class TaskDir:
         return parse_options(raw, self.max_sidecar_bytes)
 
     def complete(self, job: Job, outputs: dict[str, str], *, keep_audio: bool) -> Path:
-        """Commit: write each output (json last: the commit marker), then archive or drop the job dir."""
+        """Commit: check the fence, write each output (json last: the commit marker), then archive or drop
+        the job dir and give up the lease. `LeaseLost` (nothing written) if the job is no longer ours."""
+        self.check_owner(job)
         result_path = self.done / f"{job.job_id}.json"
         crash_point("result.before_write")
+
+        def before_commit() -> None:
+            crash_point("result.before_rename")
+            self.check_owner(job)  # the last instant: the rename after this is the commit
+
         try:
             for fmt, text in sorted(outputs.items(), key=lambda kv: kv[0] == "json"):
-                hook = (lambda: crash_point("result.before_rename")) if fmt == "json" else None
-                write_atomic(self.done / f"{job.job_id}.{fmt}", text, self.tmp, self.file_mode, hook)
-        except OSError:
+                write_atomic(self.done / f"{job.job_id}.{fmt}", text, self.tmp, self.file_mode,
+                             before_commit if fmt == "json" else None)
+        except (OSError, LeaseLost):
             for fmt in outputs:  # no partial results: a retry writes them all again
                 if fmt != "json":
                     with contextlib.suppress(FileNotFoundError):
                         (self.done / f"{job.job_id}.{fmt}").unlink()
             raise
+        with contextlib.suppress(OSError):  # durability of the commit; the rename itself already happened
+            fsync_dir(self.done)
         crash_point("result.after_rename")
-        self._finish_done(job.dir, keep_audio)
+        assert job.lease is not None
+        try:
+            self._finish_done(job.dir, keep_audio)
+        except OSError as e:  # committed: never requeue it; the sweep finishes the cleanup
+            logger.warning("job {}: committed, but its folder could not be archived ({}); left for the sweep",
+                           job.job_id, e)
+            job.lease.abandon()
+            return result_path
         crash_point("cleanup.after")
+        job.lease.drop()
         return result_path
 
     def _finish_done(self, job_dir: Path, keep_audio: bool) -> None:
+        """After the commit (by its lease holder): archive the job dir to done/, or delete it."""
         with contextlib.suppress(FileNotFoundError):
-            (job_dir / LEASE_FILE).unlink()
+            (job_dir / LEASE_FILE).unlink()  # left by older versions
         if keep_audio:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.rename(job_dir, self.done / job_dir.name)
-        else:
-            shutil.rmtree(job_dir, ignore_errors=True)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                logger.warning("job {}: an archive already exists in done/; dropping this copy", job_dir.name)
+        shutil.rmtree(job_dir, ignore_errors=True)
 
     def fail(self, job: Job, error: dict[str, Any], worker_id: str | None = None) -> Path:
         """Move the job to failed/ with error.json (reason, type, message, attempts, worker, times)."""
-        record = job.record
-        lease = self._read_lease(job.dir)
+        self.check_owner(job)
+        assert job.lease is not None
+        record, holder = job.record, job.lease.read_info()
         info = {
-            "job_id": record.job_id, "original_name": record.original_name, "attempts": record.attempts,
-            "worker": worker_id or lease.get("worker"), "created": record.created,
-            "started": lease.get("started"), "failed": now_iso(), "history": record.history, **error,
+            "job_id": record.job_id, **name_to_json("original_name", record.original_name),
+            "attempts": record.attempts, "worker": worker_id or holder.get("worker"), "created": record.created,
+            "started": holder.get("started"), "failed": now_iso(), "history": record.history, **error,
         }
-        write_atomic(job.dir / ERROR_FILE, json.dumps(info, ensure_ascii=False, indent=2), job.dir, self.file_mode)
-        with contextlib.suppress(FileNotFoundError):
-            (job.dir / LEASE_FILE).unlink()
+        write_atomic(job.dir / ERROR_FILE, dumps_json(info, indent=2), job.dir, self.file_mode)
         target = self.failed / job.job_id
+        crash_point("fail.before_rename")
         os.rename(job.dir, target)
+        with contextlib.suppress(OSError):
+            fsync_dir(self.failed)
+        crash_point("fail.after_rename")
+        job.lease.drop()
         logger.warning("job {} failed: {} ({})", record.job_id, error.get("reason"), error.get("message"))
         return target
 
-    def release(self, job: Job, error: dict[str, Any]) -> str:
-        """Give a job back after a retryable failure: requeue it, or fail it when attempts are spent."""
-        job.record.history.append({"attempt": job.record.attempts, "at": now_iso(), **error})
-        if job.record.attempts >= self.max_attempts:
+    def release(self, job: Job, error: dict[str, Any], *, counted: bool = True) -> str:
+        """Give a job back: requeue it, or fail it when attempts are spent. `counted=False` (a stop the
+        server itself decided: reload, shutdown) gives the attempt back instead of spending it."""
+        self.check_owner(job)
+        assert job.lease is not None
+        record = job.record
+        record.history.append({"attempt": record.attempts, "at": now_iso(), **error,
+                               **({} if counted else {"counted": False})})
+        if not counted:
+            record.attempts = max(0, record.attempts - 1)
+        elif record.attempts >= self.max_attempts:
             self.fail(job, {**error, "reason": "max_attempts_exceeded", "last_reason": error.get("reason"),
-                            "message": f"gave up after {job.record.attempts} attempts; last: {error.get('message')}"})
+                            "message": f"gave up after {record.attempts} attempts; last: {error.get('message')}"})
             return "failed"
-        write_atomic(job.dir / JOB_FILE, job.record.to_json(), job.dir, self.file_mode)
-        with contextlib.suppress(FileNotFoundError):
-            (job.dir / LEASE_FILE).unlink()
+        try:
+            write_atomic(job.dir / JOB_FILE, record.to_json(), job.dir, self.file_mode)
+        except OSError as e:  # a full disk must not strand the job: requeue it with the record as claimed
+            logger.warning("job {}: cannot update job.json ({}); requeued with its record as claimed", job.job_id, e)
+        crash_point("requeue.before_rename")
         os.rename(job.dir, self.inbox / f"{job.job_id}{JOB_SUFFIX}")
-        logger.info("job {} requeued (attempt {} of {}): {}", job.job_id, job.record.attempts, self.max_attempts,
-                    error.get("reason"))
+        with contextlib.suppress(OSError):
+            fsync_dir(self.inbox)
+        crash_point("requeue.after_rename")
+        job.lease.drop()
+        logger.info("job {} requeued (attempt {} of {}{}): {}", job.job_id, record.attempts, self.max_attempts,
+                    "" if counted else ", not counted", error.get("reason"))
         return "requeued"
 
-    @staticmethod
-    def _read_lease(job_dir: Path) -> dict[str, Any]:
-        try:
-            return json.loads((job_dir / LEASE_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+    def abandon(self, job: Job) -> None:
+        """Let go of a job that could not be settled (the disk refused even that): it stays in processing/,
+        unleased, and the supervisor's sweep requeues it."""
+        if job.lease is not None:
+            job.lease.abandon()
 
-    # ------------------------------------------------------------------ recovery (supervisor only)
+    # ------------------------------------------------------------------ recovery
     def processing_jobs(self) -> Iterator[tuple[Path, dict[str, Any]]]:
-        """(job dir, lease) for every entry in processing/."""
-        for entry in sorted(self.processing.iterdir()):
-            if entry.is_dir() and not entry.name.startswith("."):
-                yield entry, self._read_lease(entry)
+        """(job dir, lease info) for every entry in processing/ (read-only; does not take leases)."""
+        try:
+            with os.scandir(self.processing) as it:
+                entries = sorted(e.name for e in it if e.is_dir(follow_symlinks=False) and e.name[0] != ".")
+        except OSError:
+            return
+        for name in entries:
+            yield self.processing / name, self.lease_info(name)
 
-    def recover(self, job_dir: Path, reason: str, message: str, *, keep_audio: bool = True) -> str:
-        """Settle a processing/ entry whose worker is gone. Returns what happened."""
-        if (self.done / f"{job_dir.name}.json").exists():
-            self._finish_done(job_dir, keep_audio)  # committed before the crash: finish, never redo
-            return "completed"
-        if self._audio_in(job_dir) is None:
-            # Claimed dir whose rename never happened (crash between mkdir and rename): an empty dir.
-            with contextlib.suppress(FileNotFoundError):
-                job_dir.rmdir()
-            return "empty"
-        job = Job(job_dir, self._read_record(job_dir))
-        side_left = self.inbox / (job.record.original_name + ".json")
-        if not (job_dir / SIDECAR_FILE).exists() and side_left.is_file():
-            with contextlib.suppress(FileNotFoundError):  # crash between the audio and sidecar renames of a claim
-                os.rename(side_left, job_dir / SIDECAR_FILE)
-        return self.release(job, {"reason": reason, "error_type": "WorkerLost", "message": message,
-                                  "retryable": True})
+    def recover(self, job_dir: Path, reason: str, message: str, *, keep_audio: bool = True,
+                counted: bool | Callable[[dict[str, Any]], bool] = True) -> str:
+        """Settle a processing/ entry whose owner is gone. Returns what happened: "held" (its lease is held:
+        the owner is alive, nothing is done), "completed", "requeued", "failed", "empty" or "gone".
+        `counted` may be a function of the dead holder's lease info (the supervisor's "did I stop it?")."""
+        job_id = job_dir.name
+        lease = self.take_lease(job_id)
+        if lease is None:
+            return "held"
+        try:
+            if not job_dir.is_dir():
+                return "gone"
+            holder = lease.read_info()
+            if (self.done / f"{job_id}.json").exists():
+                self._finish_done(job_dir, keep_audio)  # committed before the crash: finish, never redo
+                return "completed"
+            if self._audio_in(job_dir) is None:
+                with contextlib.suppress(OSError):  # a claim dir whose audio rename never happened
+                    job_dir.rmdir()
+                    return "empty"
+            record = self._read_record(job_dir)
+            lease.token = record.lease_token  # adopt the job as its last owner left it
+            job = Job(job_dir, record, lease)
+            if self._audio_in(job_dir) is None:
+                return self._settle(job, {"reason": "audio_missing", "error_type": "WorkerLost", "retryable": False,
+                                          "message": "the job folder holds no audio"}, fail=True)
+            side_left = self.inbox / (record.original_name + ".json")
+            if not (job_dir / SIDECAR_FILE).exists() and len(os.fsencode(side_left.name)) <= 255 \
+                    and side_left.is_file():
+                with contextlib.suppress(FileNotFoundError):  # crash between the audio and sidecar renames
+                    os.rename(side_left, job_dir / SIDECAR_FILE)
+            count = counted(holder) if callable(counted) else counted
+            return self.release(job, {"reason": reason, "error_type": "WorkerLost", "message": message,
+                                      "retryable": True, "worker": holder.get("worker"), "pid": holder.get("pid")},
+                                counted=count)
+        finally:
+            lease.drop()
+
+    def _settle(self, job: Job, error: dict[str, Any], *, fail: bool) -> str:
+        self.fail(job, error) if fail else self.release(job, error)
+        return "failed" if fail else "requeued"
+
+    def sweep(self, reason: str, message: str, *, keep_audio: bool = True,
+              counted: bool | Callable[[dict[str, Any]], bool] = True) -> dict[str, str]:
+        """Recover every processing/ entry whose lease nobody holds (a dead owner, or a claim cut short),
+        and drop lock files nobody holds. Live owners are left alone. Safe to run at any time."""
+        outcomes: dict[str, str] = {}
+        for job_dir, _ in list(self.processing_jobs()):
+            try:
+                outcome = self.recover(job_dir, reason, message, keep_audio=keep_audio, counted=counted)
+            except OSError as e:
+                outcome = f"error: {errno_name(e)}"
+                logger.error("cannot recover job {}: {}", job_dir.name, e)
+            if outcome != "held":
+                outcomes[job_dir.name] = outcome
+                logger.info("recovered job {}: {}", job_dir.name, outcome)
+        self._sweep_lock_files()
+        return outcomes
+
+    def _sweep_lock_files(self) -> None:
+        try:
+            with os.scandir(self.leases) as it:
+                names = [e.name for e in it if e.name.endswith(".lock")]
+        except OSError:
+            return
+        live = {self._lease_path(p.name).name for p, _ in self.processing_jobs()}
+        for name in names:
+            if name in live:
+                continue
+            with contextlib.suppress(OSError):
+                fd = os.open(self.leases / name, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    st, there = os.fstat(fd), os.stat(self.leases / name)
+                    if (st.st_ino, st.st_dev) == (there.st_ino, there.st_dev):
+                        os.unlink(self.leases / name)
+                finally:
+                    os.close(fd)
 
     def recover_all(self, reason: str, message: str, *, keep_audio: bool = True) -> dict[str, str]:
-        """Start-up: everything in processing/ belongs to a previous run. Nothing is deleted."""
-        outcomes = {}
-        for job_dir, _ in list(self.processing_jobs()):
-            outcomes[job_dir.name] = self.recover(job_dir, reason, message, keep_audio=keep_audio)
-            logger.info("recovered job {}: {}", job_dir.name, outcomes[job_dir.name])
-        return outcomes
+        """Start-up: settle what a previous run left in processing/; jobs still leased by a live process (an
+        orphaned worker finishing its job) are skipped, and the live sweep picks them up if it dies."""
+        return self.sweep(reason, message, keep_audio=keep_audio)
+
+    def sweep_tmp(self, max_age: float = TMP_MAX_AGE, now: float | None = None) -> list[str]:
+        """Delete tmp/ entries older than `max_age` (staging left by a crash mid-submit or mid-write)."""
+        now = time.time() if now is None else now
+        removed = []
+        try:
+            with os.scandir(self.tmp) as it:
+                entries = list(it)
+        except OSError:
+            return removed
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+                if now - st.st_mtime < max_age:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+            except OSError as exc:
+                logger.warning("cannot sweep {}: {}", printable(e.path), exc)
+                continue
+            removed.append(e.name)
+            logger.info("swept tmp/{} ({:.0f} h old)", printable(e.name), (now - st.st_mtime) / 3600)
+        return removed
+
+    def sweep_orphan_sidecars(self, max_age: float = 3600.0, now: float | None = None) -> list[str]:
+        """Move sidecars whose audio never came (or was claimed before they arrived) and that are older than
+        `max_age` to failed/<id>/ with reason `sidecar_orphaned`: they never sit in the inbox forever."""
+        now = time.time() if now is None else now
+        try:
+            with os.scandir(self.inbox) as it:
+                names = {e.name for e in it}
+        except OSError:
+            return []
+        moved = []
+        sidecars = sorted(n for n in names if n.lower().endswith(SIDECAR_SUFFIXES))
+        stems = {n.rsplit(".", 1)[0] for n in names.difference(sidecars)}
+        for name in sidecars:
+            base = name[: -len(".json")]
+            if base in names or base in stems:
+                continue  # its audio is waiting
+            side = self.inbox / name
+            try:
+                st = os.lstat(side)
+                if now - st.st_mtime < max_age:
+                    continue
+                job_id = new_job_id(base)
+                target = self.failed / job_id
+                target.mkdir(mode=self.dir_mode)
+                os.rename(side, target / SIDECAR_FILE)
+                info = {"job_id": job_id, **name_to_json("original_name", name), "reason": "sidecar_orphaned",
+                        "error_type": "OrphanedSidecar", "retryable": False, "failed": now_iso(),
+                        "message": f"sidecar {printable(name)!r} waited {(now - st.st_mtime) / 3600:.1f} h for an "
+                                   f"audio file named {printable(base)!r} (or with that stem); drop the audio "
+                                   f"with it, writing the sidecar first"}
+                write_atomic(target / ERROR_FILE, dumps_json(info, indent=2), target, self.file_mode)
+            except OSError as e:
+                logger.warning("cannot move orphaned sidecar {!r}: {}", printable(name), e)
+                continue
+            moved.append(name)
+            logger.warning("orphaned sidecar {!r} moved to failed/{}", printable(name), job_id)
+        return moved
 
     def acquire_server_lock(self) -> int:
         """One server per task dir: an flock on <task_dir>/server.lock, held for the process's life."""
         path = self.root / "server.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,10 +1,15 @@
 """A pool worker: choose a device, patch FunASR, load the models, warm up, then claim jobs.
 
-The worker owns no state the supervisor needs to rebuild: its job lives in processing/ with a
-lease naming its pid, and its status lives in ``workers/<id>.json``, rewritten by a heartbeat
-thread (gunicorn style: the file's mtime is the heartbeat, kept fresh even while ``generate`` runs
-for minutes). The supervisor requeues the job of a worker that dies and kills one whose heartbeat
-goes stale.
+The worker owns no state the supervisor needs to rebuild: its job lives in processing/ and it holds
+the job's lease (a flock, see task_dir.py) for the job's whole life, and its status lives in
+``workers/<id>.json``, rewritten by a heartbeat thread (gunicorn style: the file's mtime is the
+heartbeat, kept fresh even while ``generate`` runs for minutes). The supervisor's sweep requeues the
+job of a worker that dies (its lease is released by the kernel) and kills one whose heartbeat goes stale.
+
+A worker whose supervisor dies exits at once, even mid-job (`SupervisorWatch`, plus PR_SET_PDEATHSIG on
+Linux): the next server recovers its job only once its lease is released, so the job is never run twice.
+With the forkserver start method workers are children of the fork server, not of the supervisor
+(``pgrep -P <supervisor>`` lists the fork server); all of them stay in the supervisor's process group.
 
 Exit codes tell the supervisor why a worker ended: 0 asked to stop, `EXIT_BOOT_FAILED` the models
 could not load (the pool stops instead of respawning forever), `EXIT_RECYCLE` a planned restart
@@ -27,9 +32,11 @@ from transcribe.config import Config
 from transcribe.core.notify import Notifier
 from transcribe.core.pool.heartbeat import (
     Heartbeat,
+    SupervisorWatch,
     WorkerStatus,
     current_rss_mb,
     pid_alive,
+    set_parent_death_signal,
 )
 from transcribe.core.pool.inbox_watcher import InboxWatcher
 from transcribe.core.pool.job_runner import run_job
@@ -91,9 +98,20 @@ class Worker:
             return f"RSS {current_rss_mb():.0f} MB over pool.max_rss_mb={p.max_rss_mb}"
         return None
 
+    def _supervisor_lost(self) -> None:
+        logger.error("worker {}: supervisor (pid {}) is gone; exiting now (a new server recovers the job)",
+                     self.worker_id, self.parent_pid)
+        logger.remove()
+        os._exit(EXIT_ORPHANED)  # releases the job's lease with the process
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
+        set_parent_death_signal()
+        watch = SupervisorWatch(self.parent_pid, self._supervisor_lost)
+        if not pid_alive(self.parent_pid):
+            self._supervisor_lost()
+        watch.start()
         self.heartbeat.beat()
         self.heartbeat.start()
         try:
@@ -123,7 +141,12 @@ class Worker:
                 logger.info("worker {} recycling: {}", self.worker_id, reason)
                 return EXIT_RECYCLE
             self.wake.clear()
-            job = self.td.claim_next(self.worker_id)
+            try:
+                job = self.td.claim_next(self.worker_id)
+            except Exception as exc:  # noqa: BLE001 - claim_next classifies the filesystem's errors; anything
+                # else is a bug, which must not take the worker down with it: log it and try again later
+                logger.opt(exception=exc).error("worker {}: claim failed; retrying", self.worker_id)
+                job = None
             if job is None:
                 self.wake.wait(idle_wait)
                 continue
