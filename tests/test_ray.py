@@ -364,7 +364,8 @@ def test_cli_serve_against_the_cluster_address(cluster, tiny_models, tmp_path):
 @needs_shared
 def test_cli_serve_without_address_starts_a_local_instance_and_requeues_on_sigterm(tiny_models, tmp_path):
     """No --address: a local Ray instance of its own. SIGTERM while a job hangs: the driver waits
-    pool.shutdown_timeout, requeues the job (attempt counted), ends its actor and Ray, and exits 0."""
+    pool.shutdown_timeout, requeues the job (a stop the server decided: the attempt is given back), ends
+    its actor and Ray, and exits 0."""
     once = tmp_path / "hang.once"
     once.touch()  # disarmed for the first job
     cfg = write_config(tmp_path / "config.json",
@@ -388,5 +389,6 @@ def test_cli_serve_without_address_starts_a_local_instance_and_requeues_on_sigte
     assert list((task_dir / "processing").iterdir()) == []
     (requeued,) = list((task_dir / "inbox").glob("*.job"))
     record = json.loads((requeued / "job.json").read_text())
-    assert record["original_name"] == "interrupted.wav" and record["attempts"] == 1
+    assert record["original_name"] == "interrupted.wav" and record["attempts"] == 0
     assert record["history"][0]["reason"] == "server_stopped" and "shutdown_timeout" in record["history"][0]["message"]
+    assert record["history"][0]["counted"] is False
