@@ -55,6 +55,11 @@ class FunasrConfig(_Section):
     fast_diarization: bool = True
     # Bit-exact CPU scans for the SeACo/BiCif Paraformer CIF loops (src/transcribe/core/fast_cif.py).
     fast_cif: bool = True
+    # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
+    # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
+    # Both bound GPU memory: a batch holds at most this much, whatever the job's length.
+    engine_batch_s: int = Field(default=300, ge=1)
+    engine_spk_batch: int = Field(default=512, ge=1)
     # Extra keyword arguments passed through to AutoModel(...) / generate(...) unchanged.
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     generate_kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -260,14 +260,18 @@ class Transcriber:
         except Exception as e:  # noqa: BLE001 - surfaced as a typed, retryable error with the cause
             raise TranscriptionError(f"FunASR failed on {source_name or 'input'}: {type(e).__name__}: {e}") from e
         finished = time.perf_counter()
+        return self.result_from_output(output, audio, elapsed=finished - started, source_name=source_name,
+                                       timings={"decode": decode_time, "generate": finished - gen_start, **stages})
+
+    def result_from_output(self, output: list[dict[str, Any]], audio: Audio, *, elapsed: float,
+                           source_name: str | None, timings: dict[str, float]) -> Result:
+        """A `Result` from FunASR's ``generate`` output for `audio` (shared with the batch engine)."""
         text, segments, speakers_found = segments_from_funasr(output, audio.duration)
-        elapsed = finished - started
         return Result(
             text=text, segments=segments, speakers=speakers_found, duration=round(audio.duration, 3),
             processing_time=round(elapsed, 4), rtf=round(elapsed / audio.duration, 5) if audio.duration else 0.0,
             device=self.device.device, models=dict(self.models),
-            timings={"decode": round(decode_time, 4), "generate": round(finished - gen_start, 4),
-                     **{stage: round(t, 4) for stage, t in stages.items()}},
+            timings={stage: round(t, 4) for stage, t in timings.items()},
             source=source_name,
         )
 
