@@ -105,18 +105,16 @@ class _Job:
 class BatchTranscriber:
     """Many jobs through one `Transcriber`'s loaded model, with the model calls batched across jobs."""
 
-    def __init__(self, transcriber: Transcriber) -> None:
+    def __init__(self, transcriber: Transcriber, *, pad_batches: bool | None = None) -> None:
+        """`pad_batches`: ASR segments in padded batches (default: off the CPU only, as FunASR does)."""
         self.transcriber = transcriber
         self.model = transcriber.model
         self.config = transcriber.config
         self.batch_ms = int(self.config.funasr.engine_batch_s * 1000)
         self.spk_batch = self.config.funasr.engine_spk_batch
         self._logged: set[str] = set()
-
-    @property
-    def on_device(self) -> bool:
-        """FunASR batches ASR segments only off the CPU (on the CPU each segment runs alone)."""
-        return self.model.kwargs.get("device", "cpu") != "cpu"
+        # FunASR batches ASR segments only off the CPU (on the CPU each segment runs alone).
+        self.pad_batches = self.model.kwargs.get("device", "cpu") != "cpu" if pad_batches is None else pad_batches
 
     # -- public API ---------------------------------------------------------------------------------
     def transcribe_many(self, items: Sequence[EngineJob]) -> list[Result | BaseException]:
@@ -248,7 +246,7 @@ class BatchTranscriber:
             threshold_ms = int(kwargs.get("batch_size_threshold_s", 60)) * 1000
             by_index = {j.index: j for j in group_jobs}
             self._progress("asr")
-            for batch in funasr_batches(utts, batch_ms if self.on_device else 0, threshold_ms):
+            for batch in funasr_batches(utts, batch_ms if self.pad_batches else 0, threshold_ms):
                 self._run_batch(batch, by_index, "asr", functools.partial(self._asr_batch, kwargs=kwargs))
 
     def _asr_batch(self, batch: list[_Utterance], kwargs: dict[str, Any]) -> None:
