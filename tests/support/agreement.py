@@ -2,7 +2,7 @@
 
 Segments are ``(start_s, end_s, text, speaker)``. Reported per job: the character-level edit
 distance of the joined texts (and its ratio to the reference length), the share of the reference's
-speech time whose speaker label the other transcript gives too, and the largest start/end difference
+speech time whose speaker the other transcript gives too (best label mapping), and the largest start/end difference
 when both have the same segments.
 """
 
@@ -29,11 +29,22 @@ def agreement(reference: Sequence[Segment], other: Sequence[Segment]) -> dict[st
 
 
 def speaker_agreement(reference: Sequence[Segment], other: Sequence[Segment]) -> float:
-    """Share of the reference's segment time where an overlapping segment of `other` has the same label."""
-    total = agreed = 0.0
+    """Share of the reference's segment time where `other` says the same speaker, under the best
+    one-to-one mapping of labels (labels are names in order of first appearance: one early flip would
+    otherwise rename every later segment)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    ref_labels = sorted({str(s[3]) for s in reference})
+    other_labels = sorted({str(s[3]) for s in other})
+    total = sum(end - start for start, end, _, _ in reference)
+    if not total or not other_labels:
+        return 1.0 if not total else 0.0
+    overlap = np.zeros((len(ref_labels), len(other_labels)))
     for start, end, _, label in reference:
-        total += end - start
         for o_start, o_end, _, o_label in other:
-            if o_label == label:
-                agreed += max(0.0, min(end, o_end) - max(start, o_start))
-    return min(1.0, agreed / total) if total else 1.0
+            shared = min(end, o_end) - max(start, o_start)
+            if shared > 0:
+                overlap[ref_labels.index(str(label)), other_labels.index(str(o_label))] += shared
+    rows, cols = linear_sum_assignment(-overlap)
+    return min(1.0, float(overlap[rows, cols].sum()) / total)
