@@ -7,6 +7,8 @@ equals its lone result; with padded cross-job batches forced on, the agreement i
 stay at float-noise level.
 """
 
+import re
+
 import pytest
 from funasr import AutoModel
 
@@ -138,3 +140,46 @@ def test_window_count_matches_funasr_sv_chunk():
 
     for n in (100, 24000, 24001, 36000, 160000, 16000 * 61 + 7):
         assert n_windows(n) == len(sv_chunk([[0.0, n / 16000, np.zeros(n, dtype=np.float32)]]))
+
+
+def test_batching_pool_worker_commits_each_job_on_its_own(tiny_models, tmp_path, transcriber):
+    """pool.batch_jobs > 1: one worker claims several jobs, runs them through the engine, and each ends
+    exactly once in done/ (with the result a lone Transcriber gives) or failed/ (bad input)."""
+    from tests.conftest import AUDIO, write_config
+    from tests.support.pool_helpers import (
+        Server,
+        assert_exactly_once,
+        drop_file,
+        failed,
+        ready_workers,
+        results,
+        wait_until,
+    )
+
+    data = model_config(tiny_models)
+    data["pool"] = {"task_dir": "tasks", "workers": 1, "batch_jobs": 8, "settle_seconds": 0.5,
+                    "heartbeat_interval": 0.5, "heartbeat_timeout": 60, "shutdown_timeout": 30}
+    data["output"] = {"formats": ["json"]}
+    srv = Server(write_config(tmp_path / "config.json", data), workers=1)
+    td = tmp_path / "tasks"
+    try:
+        wait_until(lambda: ready_workers(td, 1), 180, "worker ready")
+        (td / "tmp").mkdir(exist_ok=True)
+        names = ["podcast_2speakers_60s.wav", "tts_1speaker_5s.wav", "silence_5s.wav", "espeak_zh_en_30s.wav"]
+        for n in names:  # into the inbox in one go (tmp/ then rename), so that the worker claims them together
+            drop_file(AUDIO / n, td / "tmp")
+        (td / "tmp" / "broken.wav").write_bytes(b"RIFF not audio")
+        (td / "tmp" / "podcast_2speakers_60s.wav.json").write_text('{"speakers": 2}')
+        for p in sorted((td / "tmp").iterdir(), key=lambda p: p.suffix == ".wav"):  # sidecar first
+            p.rename(td / "inbox" / p.name)
+        wait_until(lambda: len(results(td)) + len(failed(td)) >= 5, 240, "5 jobs settled")
+        assert assert_exactly_once(td, [*names, "broken.wav"]) == {"done": 4, "failed": 1}
+        assert srv.terminate(60) == 0, srv.output()[-3000:]
+    finally:
+        srv.kill_group()
+    by_source = {r["source"]: r for r in results(td)}
+    alone = transcriber.transcribe(AUDIO / "podcast_2speakers_60s.wav", speakers=2)
+    got = by_source["podcast_2speakers_60s.wav"]
+    assert [(s["start"], s["end"], s["text"], s["speaker"]) for s in got["segments"]] == segs(alone)
+    logs = srv.output() + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
+    assert re.search(r"jobs \S+, \S+.* as one batch", logs), "the worker never claimed two jobs at once"

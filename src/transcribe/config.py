@@ -104,6 +104,10 @@ class PoolConfig(_Section):
     max_attempts: int = Field(default=3, ge=1)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     max_jobs_per_worker: int = Field(default=0, ge=0)  # 0 = never recycle by count
+    # Jobs a worker claims at once and runs through the batch engine (core/pool/batch_runner.py);
+    # 1 = one job at a time through the Transcriber. It stops claiming once batch_audio_s of audio is held.
+    batch_jobs: int = Field(default=1, ge=1)
+    batch_audio_s: float = Field(default=3600.0, gt=0)
     max_rss_mb: int = Field(default=0, ge=0)  # 0 = never recycle by memory
     keep_audio: bool = True
     rescan_interval: float = Field(default=5.0, gt=0)

@@ -58,8 +58,19 @@ def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Confi
         options = prepare_job(td, job)
         result = transcribe(job.audio_path, speakers=options.speakers, hotwords=options.hotwords,
                             extension=job.extension, source_name=job.record.original_name)
-        path = finish_job(td, job, result, options, cfg, notifier)
     except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
+        return settle_failed_job(td, job, exc, worker_id, notifier), None
+    return commit_result(td, job, options, result, cfg, worker_id, notifier)
+
+
+def commit_result(td: TaskDir, job: Job, options: JobOptions, result: Result | BaseException, cfg: Config,
+                  worker_id: str, notifier: Notifier | None = None) -> tuple[str, Result | None]:
+    """A transcribed job (its Result, or the exception that failed it) to done/, failed/ or inbox/."""
+    if isinstance(result, BaseException):
+        return settle_failed_job(td, job, result, worker_id, notifier), None
+    try:
+        path = finish_job(td, job, result, options, cfg, notifier)
+    except Exception as exc:  # noqa: BLE001 - e.g. a full disk: retryable
         return settle_failed_job(td, job, exc, worker_id, notifier), None
     logger.info("job {} done: {:.1f}s audio, rtf {:.3f}, {} speakers -> {}", job.job_id, result.duration,
                 result.rtf, len(result.speakers), path.name)

@@ -25,6 +25,7 @@ from loguru import logger
 
 from transcribe.config import Config
 from transcribe.core.notify import Notifier
+from transcribe.core.pool.batch_runner import claim_batch, run_jobs
 from transcribe.core.pool.heartbeat import (
     Heartbeat,
     WorkerStatus,
@@ -123,12 +124,32 @@ class Worker:
                 logger.info("worker {} recycling: {}", self.worker_id, reason)
                 return EXIT_RECYCLE
             self.wake.clear()
-            job = self.td.claim_next(self.worker_id)
-            if job is None:
-                self.wake.wait(idle_wait)
-                continue
-            self._run(job, transcriber)
+            if self.cfg.pool.batch_jobs > 1:
+                jobs = claim_batch(lambda: self.td.claim_next(self.worker_id), self.cfg.pool.batch_jobs,
+                                   self.cfg.pool.batch_audio_s)
+                if jobs:
+                    self._run_batch(jobs, transcriber)
+                    continue
+            else:
+                job = self.td.claim_next(self.worker_id)
+                if job is not None:
+                    self._run(job, transcriber)
+                    continue
+            self.wake.wait(idle_wait)
         return EXIT_OK
+
+    def _run_batch(self, jobs: list[Job], transcriber: Any) -> None:
+        """Several jobs through the batch engine (pool.batch_jobs > 1); each committed on its own."""
+        from transcribe.core.engine.batch_engine import BatchTranscriber
+
+        if getattr(self, "_engine", None) is None:
+            self._engine = BatchTranscriber(transcriber)
+        self.status.start_job(jobs[0].job_id)  # the status names one job; the others are in its batch
+        self.heartbeat.beat()
+        logger.info("jobs {} claimed by {} as one batch", ", ".join(j.job_id for j in jobs), self.worker_id)
+        for outcome, result in run_jobs(self.td, jobs, self._engine, self.cfg, self.worker_id, self.notifier):
+            self.status.end_job(outcome, result)
+        self.heartbeat.beat()
 
     def _progress(self, stage: str) -> None:
         self.status.job_stage, self.status.progress_ts = stage, time.time()
