@@ -13,7 +13,7 @@ in parallel only time-slice the card. The engine splits the pipeline at the mode
    is batched exactly as FunASR batches it), through `batched_asr.run_asr_batch` (FunASR's own model
    modules; the per-utterance Python on host copies);
 3. CAM++ on every 1.5 s window of every segment of every job, ``funasr.engine_spk_batch`` windows
-   per forward call, features computed in CPU threads;
+   per forward call, features computed in CPU threads (a job alone: FunASR's calls, segment by segment);
 4. per job, FunASR's own ``inference_with_vad`` *replays* those results: its calls to the VAD, ASR
    and speaker models are answered from step 1-3 in the order it makes them, while punctuation,
    timestamp merging, sentence splitting, clustering and every other line of its assembly run as
@@ -290,6 +290,10 @@ class BatchTranscriber:
         if not utts:
             return
         self._progress("spk")
+        if len(jobs) == 1:  # alone: FunASR's calls (one segment at a time), as the Transcriber makes them
+            for u in utts:
+                self._run_batch([u], by_index, "spk", self._embed)
+            return
         batch: list[_Utterance] = []
         windows = 0
         for u in utts:  # batches of whole segments, about spk_batch windows each
@@ -303,6 +307,9 @@ class BatchTranscriber:
             self._run_batch(batch, by_index, "spk", self._embed)
 
     def _embed(self, batch: list[_Utterance]) -> None:
+        """CAM++ embeddings of the batch's windows. One segment alone is embedded in calls of the
+        speaker model's batch size, as ``AutoModel.inference`` makes them (the same shapes, so the
+        same floats: with near-identical embeddings, clustering can turn on the last bit)."""
         from funasr.models.campplus.utils import extract_feature, sv_chunk
         from funasr.utils.load_utils import load_audio_text_image_video
 
@@ -314,9 +321,13 @@ class BatchTranscriber:
             chunks.extend(s[2] for s in segs)
         samples = load_audio_text_image_video(chunks, fs=16000, audio_fs=spk_kwargs.get("fs", 16000),
                                               data_type="sound")
-        feats = self._features(extract_feature, samples)
+        per_call = max(1, int(spk_kwargs.get("batch_size", 1))) if len(batch) == 1 else len(samples)
+        embs = []
         with torch.no_grad():
-            emb = spk.forward(feats.to(device=spk_kwargs["device"]).to(torch.float32))
+            for beg in range(0, len(samples), per_call):
+                feats = self._features(extract_feature, samples[beg:beg + per_call])
+                embs.append(spk.forward(feats.to(device=spk_kwargs["device"]).to(torch.float32)))
+        emb = torch.cat(embs, dim=0)
         for u, piece in zip(batch, torch.split(emb, counts)):
             u.spk = piece
 
