@@ -117,7 +117,8 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     device = args.device
     cfg = config_from_dict({"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                                        "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
-                                       "device": device, "ncpu": args.ncpu, "batch_size_s": 300}}, REPO)
+                                       "device": device, "ncpu": args.ncpu, "batch_size_s": 300,
+                                       "engine_batch_s": args.engine_batch_s}}, REPO)
     gen = build_generate_kwargs(cfg, speakers=2)
     rows, parity = [], {}
 
@@ -263,7 +264,8 @@ def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, rep
         root.mkdir(parents=True, exist_ok=True)
         cfg = {"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                           "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
-                          "device": args.device, "ncpu": max(1, min(args.ncpu, (os.cpu_count() or 1) // n))},
+                          "device": args.device, "ncpu": max(1, min(args.ncpu, (os.cpu_count() or 1) // n)),
+                          "engine_batch_s": args.engine_batch_s},
                "pool": {"task_dir": "tasks", "workers": n, "heartbeat_timeout": 300, "keep_audio": True,
                         "settle_seconds": 1.0, "batch_jobs": batch},
                "output": {"formats": ["json"]}, "logging": {"dir": "logs"}}
@@ -341,6 +343,7 @@ def main() -> None:
     ap.add_argument("--pool-workers", default="1,2", help="pool sizes to time; empty to skip")
     ap.add_argument("--pool-jobs", type=int, default=6)
     ap.add_argument("--engine-jobs", default="4", help="(f): jobs batched together in one engine call, e.g. 4,8")
+    ap.add_argument("--engine-batch-s", type=int, default=300, help="funasr.engine_batch_s for (f) and (g)")
     ap.add_argument("--engine-pool", default="", help="(g): pools of batching workers as WORKERS:BATCH_JOBS, e.g. 1:8,2:4")
     ap.add_argument("--skip-single", action="store_true", help="only the pool rows (no bare/Transcriber/lock)")
     ap.add_argument("--vad-cpu", action="store_true", help="also time the Transcriber with fsmn-vad on the cpu")
