@@ -21,8 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from tests.performance.bench import make_audio  # noqa: E402
-from tests.support.model_factory import build_all, cache_key  # noqa: E402
+from tests.performance.profile_stages import models_and_recording, profile_args  # noqa: E402
 
 LAUNCH_NAMES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 PROFILER_EVENTS = ("Buffer Flush", "Activity Buffer Request")
@@ -57,25 +56,13 @@ def profile(fn, audio_minutes: float, out: Path, name: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="large")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--jobs", default="4", help="engine batch sizes (jobs together) to profile, e.g. 4,8")
-    ap.add_argument("--ncpu", type=int, default=4)
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
-    ap.add_argument("--models", type=Path, default=REPO / ".cache" / "bench-models")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/kernel-profile-work"))
-    ap.add_argument("--out", type=Path, default=REPO / "bench-out")
-    a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    a.work.mkdir(parents=True, exist_ok=True)
+    a = profile_args(ap, "cuda", "/tmp/kernel-profile-work").parse_args()
     from transcribe.config import config_from_dict
     from transcribe.core.engine.batch_engine import BatchTranscriber, EngineJob
     from transcribe.core.engine.funasr_transcriber import Transcriber
 
-    asr_class = "SeacoParaformer" if a.size == "large" else "Paraformer"
-    models = build_all(a.models / cache_key(a.size, asr_class), a.size, asr_class)
-    [(label, path, seconds)] = make_audio(a.shared / "audio", a.work, [a.minutes])
+    models, (label, path, seconds) = models_and_recording(a)
     cfg = config_from_dict({"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                                        "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
                                        "device": a.device, "ncpu": a.ncpu}}, REPO)
