@@ -27,6 +27,14 @@ def segs(result):
     return [(s.start, s.end, s.text, s.speaker) for s in result.segments]
 
 
+def timed_text(segments):
+    """Segments without speaker labels. FunASR's own labels for the tiny random CAM++ are not reproducible
+    within one process: the same Transcriber gives the same file different labels depending on which
+    jobs ran before it (near-identical random embeddings; seen 2026-11-25). Where a test compares runs
+    made at different points of a process's life, it compares everything but the labels."""
+    return [s[:3] for s in segments]
+
+
 @pytest.fixture(scope="module")
 def engine(transcriber):
     return BatchTranscriber(transcriber)
@@ -70,7 +78,8 @@ def test_jobs_together_each_get_their_own_result_and_failure(engine, transcriber
     for item, got in zip([items[0]] + items[2:], [out[0]] + out[2:]):
         assert not isinstance(got, BaseException), got
         alone = transcriber.transcribe(item.source, speakers=item.speakers)
-        assert segs(got) == segs(alone)  # on the CPU FunASR runs one segment per call: batching is exact
+        assert timed_text(segs(got)) == timed_text(segs(alone))  # on the CPU: one segment per call, exact
+        assert set(got.speakers) == set(alone.speakers)
         assert got.source == item.source_name and got.duration == alone.duration
 
 
@@ -129,9 +138,11 @@ def test_batches_follow_funasr_rule_and_bound_audio():
     utts = [_Utterance(0, 0, ms, None) for ms in (500, 1000, 2000, 2000, 4000, 70000)]
     assert [[u.length_ms for u in b] for b in funasr_batches(utts, 0, 60000)] == [[u.length_ms] for u in utts]
     batches = [[u.length_ms for u in b] for b in funasr_batches(utts, 5000, 60000)]
-    assert batches == [[500, 1000, 2000], [2000], [4000], [70000]]
-    for b in batches[:-1]:  # padded length x count stays within the bound (a segment longer than it goes alone)
-        assert max(b) * len(b) <= 6000
+    # FunASR's rule: a segment is added while the batch so far stays under the bound, and the segment that
+    # crosses it closes the batch (so a batch holds at most the bound plus one segment); >= 60 s goes alone.
+    assert batches == [[500, 1000, 2000], [2000, 4000], [70000]]
+    for b in batches[:-1]:
+        assert max(b[:-1]) * (len(b) - 1) < 5000
 
 
 def test_window_count_matches_funasr_sv_chunk():
@@ -180,6 +191,7 @@ def test_batching_pool_worker_commits_each_job_on_its_own(tiny_models, tmp_path,
     by_source = {r["source"]: r for r in results(td)}
     alone = transcriber.transcribe(AUDIO / "podcast_2speakers_60s.wav", speakers=2)
     got = by_source["podcast_2speakers_60s.wav"]
-    assert [(s["start"], s["end"], s["text"], s["speaker"]) for s in got["segments"]] == segs(alone)
+    assert [(s["start"], s["end"], s["text"]) for s in got["segments"]] == timed_text(segs(alone))
+    assert got["speakers"] == ["Speaker1", "Speaker2"]
     logs = srv.output() + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
     assert re.search(r"jobs \S+, \S+.* as one batch", logs), "the worker never claimed two jobs at once"

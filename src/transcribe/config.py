@@ -57,7 +57,7 @@ class FunasrConfig(_Section):
     fast_cif: bool = True
     # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
     # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
-    # Both bound GPU memory: a batch holds at most this much, whatever the job's length.
+    # Both bound GPU memory whatever the job's length (an ASR batch: this plus one segment, FunASR's rule).
     engine_batch_s: int = Field(default=300, ge=1)
     engine_spk_batch: int = Field(default=512, ge=1)
     # Extra keyword arguments passed through to AutoModel(...) / generate(...) unchanged.

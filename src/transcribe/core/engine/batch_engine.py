@@ -407,7 +407,9 @@ class Replay:
 def funasr_batches(utts: list[_Utterance], batch_ms: int, threshold_ms: int) -> Iterator[list[_Utterance]]:
     """Length-sorted utterances cut into batches by ``inference_with_vad``'s rule (padded length x count).
 
-    ``batch_ms`` 0 gives one utterance per batch (FunASR on the CPU)."""
+    A segment joins while the batch so far stays under ``batch_ms``; the one that crosses it closes the
+    batch, so a batch holds at most ``batch_ms`` plus one segment; segments of ``threshold_ms`` or more
+    close a batch at once. ``batch_ms`` 0 gives one utterance per batch (FunASR on the CPU)."""
     n = len(utts)
     if not n:
         return
