@@ -16,7 +16,12 @@ from tests.conftest import model_config, shared_audio
 from tests.support.agreement import agreement
 from tests.test_parity import bare, expected_segments, seaco_models  # noqa: F401 - fixtures
 from transcribe.config import config_from_dict
-from transcribe.core.engine.batch_engine import BatchTranscriber, EngineJob, funasr_batches, n_windows
+from transcribe.core.engine.batch_engine import (
+    BatchTranscriber,
+    EngineJob,
+    funasr_batches,
+    n_windows,
+)
 from transcribe.core.errors import AudioError
 
 RECORDINGS = [("podcast_2speakers_60s.wav", 2), ("espeak_zh_en_30s.wav", 2), ("tts_1speaker_5s.wav", None),

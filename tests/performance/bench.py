@@ -27,15 +27,16 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from tests.support.model_factory import REAL_VAD, build_all, cache_key  # noqa: E402
+from tests.support.model_factory import REAL_VAD, build_all, cache_key
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from tests.performance.profile_stages import models_and_recording, profile_args  # noqa: E402
+from tests.performance.profile_stages import models_and_recording, profile_args
 
 LAUNCH_NAMES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 PROFILER_EVENTS = ("Buffer Flush", "Activity Buffer Request")

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from tests.performance.bench import compare, make_audio  # noqa: E402
-from tests.support.model_factory import build_all, cache_key  # noqa: E402
+from tests.performance.bench import compare, make_audio
+from tests.support.model_factory import build_all, cache_key
 
 
 def profile_args(ap: argparse.ArgumentParser, device: str, work: str) -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def main() -> None:
     from transcribe.config import config_from_dict
     from transcribe.core.engine.funasr_transcriber import Transcriber
 
-    models, (label, path, seconds) = models_and_recording(a)
+    models, (_, path, _) = models_and_recording(a)
     base = {"model": str(models["asr"]), "vad_model": str(models["vad"]), "punc_model": str(models["punc"]),
             "spk_model": str(models["spk"]), "device": a.device, "ncpu": a.ncpu}
     report = {}

@@ -8,7 +8,8 @@ when both have the same segments.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rapidfuzz.distance import Levenshtein  # a FunASR dependency
 

@@ -30,17 +30,23 @@ from __future__ import annotations
 import functools
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from loguru import logger
 
 from transcribe.core.engine.audio import Audio, load_audio
-from transcribe.core.engine.batched_asr import UtteranceAsr, asr_support, empty_batch_output, run_asr_batch
+from transcribe.core.engine.batched_asr import (
+    UtteranceAsr,
+    asr_support,
+    empty_batch_output,
+    run_asr_batch,
+)
 from transcribe.core.engine.funasr_transcriber import Transcriber, build_generate_kwargs
 from transcribe.core.engine.patches import after_job
 from transcribe.core.engine.result import Result

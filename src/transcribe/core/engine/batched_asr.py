@@ -19,8 +19,9 @@ number of fires disagrees with the tokens) is given the device tensor, exactly a
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

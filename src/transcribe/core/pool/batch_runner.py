@@ -10,12 +10,17 @@ separately through the same steps as a single job (job_runner's ``prepare_job`` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from transcribe.config import Config
 from transcribe.core.engine.result import Result
 from transcribe.core.notify import Notifier
-from transcribe.core.pool.job_runner import commit_result, prepare_job, settle_failed_job
+from transcribe.core.pool.job_runner import (
+    commit_result,
+    prepare_job,
+    settle_failed_job,
+)
 from transcribe.core.pool.jobs import Job, JobOptions
 from transcribe.core.pool.task_dir import TaskDir
 
