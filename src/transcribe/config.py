@@ -60,6 +60,11 @@ class FunasrConfig(_Section):
     fast_diarization: bool = True
     # Bit-exact CPU scans for the SeACo/BiCif Paraformer CIF loops (src/transcribe/core/fast_cif.py).
     fast_cif: bool = True
+    # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
+    # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
+    # Both bound GPU memory whatever the job's length (an ASR batch: this plus one segment, FunASR's rule).
+    engine_batch_s: int = Field(default=300, ge=1)
+    engine_spk_batch: int = Field(default=512, ge=1)
     # Extra keyword arguments passed through to AutoModel(...) / generate(...) unchanged.
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     generate_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -102,6 +107,10 @@ class PoolConfig(_Section):
     # then requeued without spending an attempt).
     graceful_timeout: float = Field(default=600.0, ge=0)
     max_jobs_per_worker: int = Field(default=0, ge=0)  # 0 = never recycle by count
+    # Jobs a worker claims at once and runs through the batch engine (core/pool/batch_runner.py);
+    # 1 = one job at a time through the Transcriber. It stops claiming once batch_audio_s of audio is held.
+    batch_jobs: int = Field(default=1, ge=1)
+    batch_audio_s: float = Field(default=3600.0, gt=0)
     max_rss_mb: int = Field(default=0, ge=0)  # 0 = never recycle by memory
     keep_audio: bool = True
     rescan_interval: float = Field(default=5.0, gt=0)

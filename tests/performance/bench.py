@@ -2,8 +2,9 @@
 """Benchmark transcribe against bare FunASR on the same models, audio and options.
 
 Times, in one run: (a) bare ``AutoModel.generate``, (b) ``Transcriber``, (c) lock mode
-(``AsyncTranscriber``), optionally (b) again under bf16/fp16 autocast, and (d) the pool with 1, 2,
-N workers (throughput = audio seconds per wall second over a mixed-length job set). Warm-up first,
+(``AsyncTranscriber``), optionally (b) again under bf16/fp16 autocast, (e) the batch engine on one
+job, (f) N jobs batched together in the engine, (d) the pool with 1, 2, N workers and (g) pools of
+batching workers (throughput = audio seconds per wall second over a mixed-length job set). Warm-up first,
 median of repeats; model load and worker ready time reported separately; peak RSS and GPU memory;
 a parity check of (b) against (a) on every recording. Writes results.json and table.md to --out.
 
@@ -26,15 +27,16 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from tests.support.model_factory import REAL_VAD, build_all, cache_key  # noqa: E402
+from tests.support.model_factory import REAL_VAD, build_all, cache_key
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -116,7 +118,8 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     device = args.device
     cfg = config_from_dict({"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                                        "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
-                                       "device": device, "ncpu": args.ncpu, "batch_size_s": 300}}, REPO)
+                                       "device": device, "ncpu": args.ncpu, "batch_size_s": 300,
+                                       "engine_batch_s": args.engine_batch_s}}, REPO)
     gen = build_generate_kwargs(cfg, speakers=2)
     rows, parity = [], {}
 
@@ -163,6 +166,8 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
                   f"parity={parity[f'{mode} / {label}']}", flush=True)
     tr.device = base_choice
 
+    run_engine(args, tr, audio, bare_out, rows, parity, report)
+
     if args.vad_cpu:  # placement variant: fsmn-vad on the CPU while the rest runs on the GPU
         vcfg = cfg.model_copy(deep=True)
         vcfg.funasr.model_kwargs = {"vad_kwargs": {"device": "cpu"}}
@@ -204,6 +209,45 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
 
 
+def run_engine(args: argparse.Namespace, tr: Any, audio: list, bare_out: dict, rows: list, parity: dict,
+               report: dict) -> None:
+    """(e) the batch engine, one job alone (parity with bare), and (f) N copies of the longest recording
+    batched together (throughput; agreement of each job with bare FunASR)."""
+    from tests.support.agreement import agreement
+    from transcribe.core.engine.batch_engine import BatchTranscriber, EngineJob
+
+    engine = BatchTranscriber(tr)
+    engine.transcribe(audio[0][1], speakers=2)  # warm-up
+    for label, path, seconds in audio:
+        reset_gpu_peak(args.device)
+        wall, result = median_time(lambda: engine.transcribe(path, speakers=2), args.repeats)
+        got = [(s.start, s.end, s.text, s.speaker) for s in result.segments]
+        parity[f"(e) engine / {label}"] = compare(bare_out[label], got)
+        rows.append({"mode": "(e) batch engine, 1 job", "audio": label, "wall_s": round(wall, 3),
+                     "rtf": round(wall / seconds, 5), "stages": result.timings, "gpu_peak_mb": gpu_peak_mb(args.device),
+                     "parity": parity[f"(e) engine / {label}"]["parity"]})
+        print(f"engine {label}: {wall:.2f}s rtf {wall / seconds:.4f} {result.timings} "
+              f"parity={parity[f'(e) engine / {label}']}", flush=True)
+    label, path, seconds = audio[-1]
+    for n in args.engine_jobs:
+        reset_gpu_peak(args.device)
+        t0 = time.perf_counter()
+        outs = engine.transcribe_many([EngineJob(path, speakers=2, source_name=f"job{i}") for i in range(n)])
+        wall = time.perf_counter() - t0
+        agree = [agreement(bare_out[label], [(s.start, s.end, s.text, s.speaker) for s in o.segments])
+                 if not isinstance(o, BaseException) else {"error": repr(o)} for o in outs]
+        report.setdefault("engine_agreement", {})[f"{n} x {label}"] = agree
+        ok = [a for a in agree if "error" not in a]
+        summary = {"jobs": n, "errors": n - len(ok), "identical": sum(a["identical"] for a in ok),
+                   "max_char_edit_ratio": max((a["char_edit_ratio"] for a in ok), default=None),
+                   "min_speaker_agreement": min((a["speaker_agreement"] for a in ok), default=None),
+                   "max_time_diff_ms": max((a["max_time_diff_ms"] or 0 for a in ok), default=None)}
+        rows.append({"mode": f"(f) batch engine, {n} jobs together", "audio": f"{n} x {label}", "wall_s": round(wall, 3),
+                     "x_realtime": round(n * seconds / wall, 1), "gpu_peak_mb": gpu_peak_mb(args.device),
+                     "agreement": summary, "stages": outs[0].timings if not isinstance(outs[0], BaseException) else {}})
+        print(f"engine x{n} {label}: {wall:.2f}s = {n * seconds / wall:.1f}x realtime; agreement {summary}", flush=True)
+
+
 def job_set(audio: list, n: int) -> list:
     """n jobs of mixed lengths: cycle through the recordings (short and long)."""
     return [audio[i % len(audio)] for i in range(n)]
@@ -237,24 +281,26 @@ def time_job_set(root: Path, mode: str, engines: int, jobs: list, env: dict | No
 def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict, out: Path) -> None:
     jobs = job_set(audio, args.pool_jobs)
     audio_total = sum(j[2] for j in jobs)
-    for n in args.pool_workers:
-        root = out / f"pool-{n}"
+    for n, batch in [(n, 1) for n in args.pool_workers] + args.engine_pool:
+        root = out / f"pool-{n}x{batch}"
         root.mkdir(parents=True, exist_ok=True)
         cfg = {"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                           "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
-                          "device": args.device, "ncpu": max(1, min(args.ncpu, (os.cpu_count() or 1) // n))},
+                          "device": args.device, "ncpu": max(1, min(args.ncpu, (os.cpu_count() or 1) // n)),
+                          "engine_batch_s": args.engine_batch_s},
                "pool": {"task_dir": "tasks", "workers": n, "heartbeat_timeout": 300, "keep_audio": True,
-                        "settle_seconds": 1.0},
+                        "settle_seconds": 1.0, "batch_jobs": batch},
                "output": {"formats": ["json"]}, "logging": {"dir": "logs"}}
         (root / "config.json").write_text(json.dumps(cfg))
         ready, wall, statuses = time_job_set(root, "pool", n, jobs)
-        row = {"mode": f"(d) pool x{n}", "audio": f"{len(jobs)} jobs, {audio_total / 60:.0f} min", "wall_s": round(wall, 3),
+        mode = f"(d) pool x{n}" if batch == 1 else f"(g) engine pool x{n}, {batch} jobs per batch"
+        row = {"mode": mode, "audio": f"{len(jobs)} jobs, {audio_total / 60:.0f} min", "wall_s": round(wall, 3),
                "x_realtime": round(audio_total / wall, 1), "ready_s": round(ready, 2),
                "worker_ready_s": sorted(s.get("ready_after_s") for s in statuses),
                "worker_rss_mb": sorted(s.get("rss_mb") for s in statuses)}
         row["claim_latency_ms"] = claim_latencies(root / "tasks")
         report["rows"].append(row)
-        print(f"pool x{n}: {wall:.1f}s for {audio_total:.0f}s audio = {audio_total / wall:.1f}x realtime; "
+        print(f"{mode}: {wall:.1f}s for {audio_total:.0f}s audio = {audio_total / wall:.1f}x realtime; "
               f"ready {ready:.1f}s {row['claim_latency_ms']}", flush=True)
 
 
@@ -280,6 +326,8 @@ def print_table(report: dict) -> str:
     for r in report["rows"]:
         ratio = f"{base[r['audio']] / r['wall_s']:.2f}x" if r["audio"] in base and r["mode"] != "(a) bare FunASR" else ""
         notes = []
+        if r.get("agreement"):
+            notes.append(f"agreement with bare {r['agreement']}")
         if r.get("stages"):
             notes.append(" ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if k != "decode"))
         if r.get("gpu_peak_mb"):
@@ -302,6 +350,9 @@ def main() -> None:
     ap.add_argument("--dtypes", default="", help="extra autocast dtypes to time and check, e.g. bfloat16,float16")
     ap.add_argument("--pool-workers", default="1,2", help="pool sizes to time; empty to skip")
     ap.add_argument("--pool-jobs", type=int, default=6)
+    ap.add_argument("--engine-jobs", default="4", help="(f): jobs batched together in one engine call, e.g. 4,8")
+    ap.add_argument("--engine-batch-s", type=int, default=300, help="funasr.engine_batch_s for (f) and (g)")
+    ap.add_argument("--engine-pool", default="", help="(g): pools of batching workers as WORKERS:BATCH_JOBS, e.g. 1:8,2:4")
     ap.add_argument("--skip-single", action="store_true", help="only the pool rows (no bare/Transcriber/lock)")
     ap.add_argument("--vad-cpu", action="store_true", help="also time the Transcriber with fsmn-vad on the cpu")
     ap.add_argument("--shared", type=Path, default=Path(os.environ.get("TRANSCRIBE_SHARED", REPO.parent / "shared")))
@@ -316,6 +367,8 @@ def main() -> None:
         print("note: --dtypes applies to cuda/mps only (half precision is refused on the cpu)")
         args.dtypes = []
     args.pool_workers = [int(n) for n in args.pool_workers.split(",") if n]
+    args.engine_jobs = [int(n) for n in args.engine_jobs.split(",") if n]
+    args.engine_pool = [tuple(int(x) for x in spec.split(":")) for spec in args.engine_pool.split(",") if spec]
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -338,7 +391,7 @@ def main() -> None:
     }
     if not args.skip_single:
         run_single_process(args, models, audio, report)
-    if args.pool_workers:
+    if args.pool_workers or args.engine_pool:
         run_pool(args, models, audio, report, args.work)
     table = print_table(report)
     report["table"] = table

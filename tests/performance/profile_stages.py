@@ -21,29 +21,39 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from tests.performance.bench import compare, make_audio  # noqa: E402
-from tests.support.model_factory import build_all, cache_key  # noqa: E402
+from tests.performance.bench import compare, make_audio
+from tests.support.model_factory import build_all, cache_key
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def profile_args(ap: argparse.ArgumentParser, device: str, work: str) -> argparse.ArgumentParser:
+    """The options every profile script takes (shared with kernel_profile.py)."""
     ap.add_argument("--size", default="large")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=device)
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--ncpu", type=int, default=4)
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--models", type=Path, default=REPO / ".cache" / "bench-models")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/profile-work"))
+    ap.add_argument("--work", type=Path, default=Path(work))
     ap.add_argument("--out", type=Path, default=REPO / "bench-out")
-    a = ap.parse_args()
+    return ap
+
+
+def models_and_recording(a: argparse.Namespace) -> tuple[dict[str, Path], tuple[str, Path, float]]:
+    """Build (or reuse) the models for --size and tile the podcast to --minutes."""
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
+    asr_class = "SeacoParaformer" if a.size == "large" else "Paraformer"
+    models = build_all(a.models / cache_key(a.size, asr_class), a.size, asr_class)
+    [recording] = make_audio(a.shared / "audio", a.work, [a.minutes])
+    return models, recording
+
+
+def main() -> None:
+    a = profile_args(argparse.ArgumentParser(), "cpu", "/tmp/profile-work").parse_args()
     from transcribe.config import config_from_dict
     from transcribe.core.engine.funasr_transcriber import Transcriber
 
-    asr_class = "SeacoParaformer" if a.size == "large" else "Paraformer"
-    models = build_all(a.models / cache_key(a.size, asr_class), a.size, asr_class)
-    [(label, path, seconds)] = make_audio(a.shared / "audio", a.work, [a.minutes])
+    models, (_, path, _) = models_and_recording(a)
     base = {"model": str(models["asr"]), "vad_model": str(models["vad"]), "punc_model": str(models["punc"]),
             "spk_model": str(models["spk"]), "device": a.device, "ncpu": a.ncpu}
     report = {}

@@ -368,14 +368,20 @@ class Transcriber:
                     "speakers, or leave the count out for automatic detection") from e
             raise TranscriptionError(f"FunASR failed on {source_name or 'input'}: {type(e).__name__}: {e}") from e
         finished = time.perf_counter()
-        text, segments, speakers_found = segments_from_funasr(output, audio.duration, words=options.word_timestamps)
-        elapsed = finished - started
+        return self.result_from_output(output, audio, elapsed=finished - started, source_name=source_name,
+                                       timings={"decode": decode_time, "generate": finished - gen_start, **stages},
+                                       device=device, fallback=fallback, words=options.word_timestamps)
+
+    def result_from_output(self, output: list[dict[str, Any]], audio: Audio, *, elapsed: float,
+                           source_name: str | None, timings: dict[str, float], device: str | None = None,
+                           fallback: dict[str, Any] | None = None, words: bool = False) -> Result:
+        """A `Result` from FunASR's ``generate`` output for `audio` (shared with the batch engine)."""
+        text, segments, speakers_found = segments_from_funasr(output, audio.duration, words=words)
         return Result(
             text=text, segments=segments, speakers=speakers_found, duration=round(audio.duration, 3),
             processing_time=round(elapsed, 4), rtf=round(elapsed / audio.duration, 5) if audio.duration else 0.0,
-            device=device, models=dict(self.models),
-            timings={"decode": round(decode_time, 4), "generate": round(finished - gen_start, 4),
-                     **{stage: round(t, 4) for stage, t in stages.items()}},
+            device=device or self.device.device, models=dict(self.models),
+            timings={stage: round(t, 4) for stage, t in timings.items()},
             source=source_name, fallback=fallback,
         )
 

@@ -67,14 +67,26 @@ def run_job(td: TaskDir, job: Job, transcribe: Callable[..., Result], cfg: Confi
     for the supervisor's sweep. Never raises for a job's own fault or the filesystem's.
     """
     try:
+        options = prepare_job(td, job)
+        result = transcribe(job.audio_path, **options.engine_kwargs(cfg), extension=job.extension,
+                            source_name=job.record.original_name)
+    except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
+        return commit_result(td, job, None, exc, cfg, worker_id, notifier)
+    return commit_result(td, job, options, result, cfg, worker_id, notifier)
+
+
+def commit_result(td: TaskDir, job: Job, options: JobOptions | None, result: Result | BaseException, cfg: Config,
+                  worker_id: str, notifier: Notifier | None = None) -> tuple[str, Result | None]:
+    """A transcribed job (its Result, or the exception that failed it) to done/, failed/ or inbox/.
+    Outcomes as `run_job`'s; never raises for a job's own fault or the filesystem's."""
+    try:
+        if isinstance(result, BaseException):
+            return settle_failed_job(td, job, result, worker_id, notifier), None
         try:
-            options = prepare_job(td, job)
-            result = transcribe(job.audio_path, **options.engine_kwargs(cfg), extension=job.extension,
-                                source_name=job.record.original_name)
-            path = finish_job(td, job, result, options, cfg, notifier)
+            path = finish_job(td, job, result, options or JobOptions(), cfg, notifier)
         except LeaseLost:
             raise
-        except Exception as exc:  # noqa: BLE001 - every job error is recorded; the worker lives on
+        except Exception as exc:  # noqa: BLE001 - e.g. a full disk: retryable
             return settle_failed_job(td, job, exc, worker_id, notifier), None
     except LeaseLost as lost:
         logger.error("job {}: {}; its result (if any) is discarded", job.job_id, lost.message)

@@ -30,6 +30,7 @@ from loguru import logger
 
 from transcribe.config import Config
 from transcribe.core.notify import Notifier
+from transcribe.core.pool.batch_runner import claim_batch, run_jobs
 from transcribe.core.pool.heartbeat import (
     Heartbeat,
     SupervisorWatch,
@@ -142,16 +143,36 @@ class Worker:
                 return EXIT_RECYCLE
             self.wake.clear()
             try:
-                job = self.td.claim_next(self.worker_id)
+                if self.cfg.pool.batch_jobs > 1:
+                    jobs = claim_batch(lambda: self.td.claim_next(self.worker_id), self.cfg.pool.batch_jobs,
+                                       self.cfg.pool.batch_audio_s)
+                else:
+                    job = self.td.claim_next(self.worker_id)
+                    jobs = [job] if job is not None else []
             except Exception as exc:  # noqa: BLE001 - claim_next classifies the filesystem's errors; anything
                 # else is a bug, which must not take the worker down with it: log it and try again later
                 logger.opt(exception=exc).error("worker {}: claim failed; retrying", self.worker_id)
-                job = None
-            if job is None:
+                jobs = []
+            if not jobs:
                 self.wake.wait(idle_wait)
-                continue
-            self._run(job, transcriber)
+            elif len(jobs) == 1 and self.cfg.pool.batch_jobs <= 1:
+                self._run(jobs[0], transcriber)
+            else:
+                self._run_batch(jobs, transcriber)
         return EXIT_OK
+
+    def _run_batch(self, jobs: list[Job], transcriber: Any) -> None:
+        """Several jobs through the batch engine (pool.batch_jobs > 1); each committed on its own."""
+        from transcribe.core.engine.batch_engine import BatchTranscriber
+
+        if getattr(self, "_engine", None) is None:
+            self._engine = BatchTranscriber(transcriber)
+        self.status.start_job(jobs[0].job_id)  # the status names one job; the others are in its batch
+        self.heartbeat.beat()
+        logger.info("jobs {} claimed by {} as one batch", ", ".join(j.job_id for j in jobs), self.worker_id)
+        for outcome, result in run_jobs(self.td, jobs, self._engine, self.cfg, self.worker_id, self.notifier):
+            self.status.end_job(outcome, result)
+        self.heartbeat.beat()
 
     def _progress(self, stage: str) -> None:
         self.status.job_stage, self.status.progress_ts = stage, time.time()
