@@ -45,12 +45,16 @@ from transcribe.core.metrics import PoolMetrics
 from transcribe.core.notify import Notifier
 from transcribe.core.pool.heartbeat import WorkerStatus
 from transcribe.core.pool.inbox_watcher import InboxWatcher
-from transcribe.core.pool.job_runner import finish_job, prepare_job, settle_failed_job
+from transcribe.core.pool.job_runner import (
+    commit_result,
+    finish_job,
+    prepare_job,
+    settle_failed_job,
+)
 from transcribe.core.pool.jobs import Job, JobOptions, LeaseLost, ReportedError
-from transcribe.core.pool.task_dir import TaskDir
+from transcribe.core.pool.task_dir import Housekeeping, TaskDir
 
 TICK = 0.25  # longest wait on outstanding calls per loop turn
-SWEEP_INTERVAL = 2.0  # seconds between sweeps of processing/ for jobs nobody holds (as the pool supervisor)
 MAX_EARLY_DEATHS = 3  # actors dying before ready, in a row, that stop the server
 EXIT_OK, EXIT_FATAL = 0, 3
 
@@ -130,8 +134,10 @@ class RayServer:
         self._started_ray = False
         self._actor_cls: Any = None
         self._config_json = json.dumps({"config": cfg.model_dump(mode="json"), "base_dir": cfg.base_dir})
-        self._next_resize = self._next_scan = self._next_beat = self._respawn_at = self._next_sweep = 0.0
+        self._next_resize = self._next_scan = self._next_beat = self._respawn_at = 0.0
         self._nodes_seen: set[str] = set()
+        # jobs this driver holds are skipped by the sweep (their flock is held); a shutdown's are uncounted
+        self.housekeeping = Housekeeping(self.td, keep_audio=cfg.pool.keep_audio)
         self.metrics = PoolMetrics(self.td, cfg.resolve_path(cfg.metrics.textfile)) if cfg.metrics.textfile else None
 
     # ------------------------------------------------------------------ lifecycle
@@ -155,7 +161,7 @@ class RayServer:
                         self._dispatch()
                         self._wait_and_settle(TICK)
                         self._beat()
-                        self._sweep()
+                        self.housekeeping.tick()
                     self._drain()
             finally:
                 self._stop_actors()
@@ -175,19 +181,6 @@ class RayServer:
 
     def stop(self) -> None:
         self.stop_event.set()
-
-    def _sweep(self) -> None:
-        """Requeue processing/ entries whose lease nobody holds (a job this driver had to abandon, a claim
-        cut short); the jobs this driver holds are skipped, since their flock is held. Also tmp/ leftovers."""
-        now = time.time()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + SWEEP_INTERVAL
-        try:
-            self.td.sweep("worker_died", "the job was left unleased", keep_audio=self.cfg.pool.keep_audio)
-            self.td.sweep_tmp()
-        except OSError as e:  # a full or failing disk must not stop the server; the next sweep retries
-            logger.warning("sweep of {} failed: {}", self.td.root, e)
 
     def _connect(self) -> None:
         try:
@@ -339,7 +332,7 @@ class RayServer:
             else:
                 audio = ray.put(job.audio_path.read_bytes())
         except Exception as exc:  # noqa: BLE001 - the job's own fault: recorded, the actor stays idle
-            self._count(slot, settle_failed_job(self.td, job, exc, slot.actor_id, self.notifier), None)
+            self._count(slot, commit_result(self.td, job, None, exc, self.cfg, slot.actor_id, self.notifier)[0], None)
             return
         slot.dispatch = Dispatch(job, options, slot.handle.transcribe.remote(payload, audio), job.record.attempts,
                                  sent)
@@ -361,6 +354,10 @@ class RayServer:
                 lost: str | None = None, reason: str = "actor_lost") -> str:
         """Commit, fail or requeue one dispatch, exactly once; a dispatch no longer held is dropped."""
         if not self._holds(slot, dispatch):
+            if slot.dispatch is dispatch:  # the lease was lost (recovered elsewhere): free the actor, touch nothing
+                slot.dispatch = None
+                self.td.abandon(dispatch.job)
+                self._count(slot, "lost", None)
             logger.warning("job {}: dropped an answer from actor {} for attempt {}: the job is no longer held",
                            dispatch.job.job_id, slot.actor_id, dispatch.attempt)
             return "stale"

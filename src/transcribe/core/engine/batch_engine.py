@@ -266,6 +266,7 @@ class BatchTranscriber:
         batch = [u for u in batch if jobs[u.job].ok]
         if not batch:
             return
+        self._progress(stage)  # every batch is progress: a long stage never looks stalled to the heartbeat
         t0 = time.perf_counter()
         try:
             fn(batch)

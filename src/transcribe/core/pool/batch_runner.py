@@ -13,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from loguru import logger
+
 from transcribe.config import Config
 from transcribe.core.engine.result import Result
+from transcribe.core.errors import TranscribeError
 from transcribe.core.notify import Notifier
 from transcribe.core.pool.job_runner import commit_result, prepare_job
 from transcribe.core.pool.jobs import Job, JobOptions
@@ -43,7 +46,11 @@ def claim_batch(claim: Callable[[], Job | None], max_jobs: int, max_audio_s: flo
     jobs: list[Job] = []
     seconds = 0.0
     while len(jobs) < max_jobs and seconds < max_audio_s:
-        job = claim()
+        try:
+            job = claim()
+        except Exception as exc:  # noqa: BLE001 - the jobs already held still run; the next turn claims again
+            logger.opt(exception=exc).error("claim failed; running the {} job(s) held", len(jobs))
+            break
         if job is None:
             break
         jobs.append(job)
@@ -79,6 +86,15 @@ def run_jobs(td: TaskDir, jobs: list[Job], engine: BatchTranscriber, cfg: Config
                        extension=job.extension, source_name=job.record.original_name) for _, job, o in batched]
     results = engine.transcribe_many(items) if items else []
     for (i, job, options), result in zip(batched, results):
+        if isinstance(result, Exception) and not (isinstance(result, TranscribeError) and not result.retryable):
+            # a failure inside a shared batch: this job alone through the Transcriber, which has the runtime
+            # device fallback (out of memory) and the typed user errors (too many speakers)
+            logger.warning("job {}: failed in its batch ({}); retrying it alone", job.job_id, result)
+            try:
+                result = engine.transcriber.transcribe(job.audio_path, **options.engine_kwargs(cfg),
+                                                       extension=job.extension, source_name=job.record.original_name)
+            except Exception as exc:  # noqa: BLE001 - recorded for this job alone
+                result = exc
         outcomes[i] = commit_result(td, job, options, result, cfg, worker_id, notifier)
     return [outcomes[i] for i in range(len(jobs))]
 

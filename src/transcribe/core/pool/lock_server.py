@@ -22,7 +22,7 @@ from transcribe.core.notify import Notifier
 from transcribe.core.pool.heartbeat import Heartbeat, WorkerStatus
 from transcribe.core.pool.inbox_watcher import InboxWatcher
 from transcribe.core.pool.job_runner import run_job
-from transcribe.core.pool.task_dir import TaskDir
+from transcribe.core.pool.task_dir import Housekeeping, TaskDir
 
 WORKER_ID = "lock"
 
@@ -58,6 +58,7 @@ async def serve_lock(cfg: Config) -> int:
     heartbeat.beat()
     logger.info("lock mode ready on {} (task dir {})", status.device, td.root)
     idle = max(cfg.pool.settle_seconds, 0.05)
+    housekeeping = Housekeeping(td, keep_audio=cfg.pool.keep_audio)
 
     def through_lock(*args: Any, **kwargs: Any) -> Result:
         """`run_job` runs in a thread (its file I/O stays off the event loop); the model call comes back
@@ -68,7 +69,12 @@ async def serve_lock(cfg: Config) -> int:
         with InboxWatcher(td.inbox, wake):
             while not stop.is_set():
                 wake.clear()
-                job = td.claim_next(WORKER_ID)
+                await asyncio.to_thread(housekeeping.tick)  # jobs left unleased (a settle the disk refused)
+                try:
+                    job = await asyncio.to_thread(td.claim_next, WORKER_ID)
+                except Exception as exc:  # noqa: BLE001 - claim_next classifies the filesystem's errors; anything
+                    logger.opt(exception=exc).error("claim failed; retrying")  # else must not stop the server
+                    job = None
                 if job is None:
                     # wait_for cancels its wait on timeout: no pending task piles up per idle turn
                     with contextlib.suppress(asyncio.TimeoutError):

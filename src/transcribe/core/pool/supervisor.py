@@ -39,7 +39,7 @@ from transcribe.core import fault_injection
 from transcribe.core.errors import ConfigError
 from transcribe.core.fsio import now_iso, write_atomic
 from transcribe.core.metrics import PoolMetrics, worker_states
-from transcribe.core.pool.task_dir import TaskDir
+from transcribe.core.pool.task_dir import Housekeeping, TaskDir
 from transcribe.core.pool.worker_process import (
     EXIT_BOOT_FAILED,
     EXIT_OK,
@@ -49,8 +49,6 @@ from transcribe.core.pool.worker_process import (
 
 METRICS_INTERVAL = 2.0  # seconds between metrics text-file writes
 TICK = 0.25  # seconds between loop turns when nothing wakes us
-SWEEP_INTERVAL = 2.0  # seconds between sweeps of processing/ for unleased jobs
-TMP_SWEEP_INTERVAL = 600.0  # seconds between sweeps of tmp/ (day-old leftovers) and of orphaned sidecars
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a stale worker
 MAX_BOOT_FAILURES = 3  # a slot's workers dying before ready, in a row, that stop the pool
 STABLE_AFTER = 60.0  # a worker that ran this long before dying resets its slot's crash backoff
@@ -421,8 +419,9 @@ class Supervisor:
         if cfg.metrics.textfile:
             self.metrics = PoolMetrics(self.td, cfg.resolve_path(cfg.metrics.textfile))
         self._metrics_due = 0.0
-        self._sweep_due = 0.0
-        self._tmp_sweep_due = 0.0
+        # a stop the supervisor decided (its pid in uncounted_pids) gives the job's attempt back
+        self.housekeeping = Housekeeping(self.td, keep_audio=cfg.pool.keep_audio,
+                                         counted=lambda holder: holder.get("pid") not in self._uncounted())
 
     @property
     def slots(self) -> list[Slot]:
@@ -454,7 +453,7 @@ class Supervisor:
                 logger.error("pool stopping: {}", core.fatal)
                 core.begin_shutdown()
             time.sleep(TICK)
-        self._sweep()  # what the last workers left (a shutdown past its timeout): requeued, not counted
+        self.housekeeping.tick(force=True)  # what the last workers left (a shutdown past its timeout): requeued, not counted
         self._write_status(state="stopped")
         self._metrics_due = 0.0
         self._write_metrics()
@@ -475,22 +474,12 @@ class Supervisor:
             if proc.worker_id not in current:  # a retired worker: its status file goes with it
                 with contextlib.suppress(OSError):
                     (self.td.workers / f"{proc.worker_id}.json").unlink()
-        now = time.monotonic()
-        if reaped or now >= self._sweep_due:
-            self._sweep()
-            self._sweep_due = now + SWEEP_INTERVAL
-        if now >= self._tmp_sweep_due:
-            self.td.sweep_tmp()
-            self.td.sweep_orphan_sidecars()
-            self._tmp_sweep_due = now + TMP_SWEEP_INTERVAL
+        self.housekeeping.tick(force=bool(reaped))
         self._write_status()
         self._write_metrics()
 
-    def _sweep(self) -> None:
-        """Requeue jobs in processing/ whose lease nobody holds: a dead worker's, or a claim cut short."""
-        uncounted = self.core.uncounted_pids if self.core else set()
-        self.td.sweep("worker_died", "the worker stopped during the job", keep_audio=self.cfg.pool.keep_audio,
-                      counted=lambda holder: holder.get("pid") not in uncounted)
+    def _uncounted(self) -> set[int]:
+        return self.core.uncounted_pids if self.core else set()
 
     @staticmethod
     def _needs_probe(cfg: Config) -> bool:

@@ -385,7 +385,7 @@ class TaskDir:
         try:
             opts = JobRecord.from_json((job_dir / JOB_FILE).read_text(encoding="utf-8")).options or {}
             return int(opts.get("priority", 0))
-        except (OSError, ValueError, KeyError, TypeError):
+        except Exception:  # noqa: BLE001 - a bad record is reported when the job runs; it never blocks a scan
             return 0
 
     def sidecar_for(self, audio: Path) -> Path | None:
@@ -535,7 +535,7 @@ class TaskDir:
         """job.json, or one rebuilt from the dir (a crash right after the claim rename leaves none)."""
         try:
             return JobRecord.from_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, or not a record we wrote
             audio = self._audio_in(job_dir)
             name = audio.name if audio else "audio"
             return JobRecord(job_dir.name.removesuffix(JOB_SUFFIX), name, name, now_iso(), attempts=1)
@@ -751,6 +751,9 @@ class TaskDir:
             except OSError as e:
                 outcome = f"error: {errno_name(e)}"
                 logger.error("cannot recover job {}: {}", job_dir.name, e)
+            except Exception as e:  # noqa: BLE001 - one odd entry must not stop the sweep of the others
+                outcome = f"error: {type(e).__name__}"
+                logger.opt(exception=e).error("cannot recover job {}", job_dir.name)
             if outcome != "held":
                 outcomes[job_dir.name] = outcome
                 logger.info("recovered job {}: {}", job_dir.name, outcome)
@@ -888,8 +891,9 @@ class TaskDir:
     def retry(self, job_id: str) -> None:
         """Move failed/<job_id> back to inbox/ with its attempts reset."""
         src = self.failed / job_id
-        if not src.is_dir():
-            raise TranscribeError(f"no failed job {job_id!r} in {self.failed}")
+        if not job_id or job_id != os.path.basename(job_id) or job_id in (".", "..") or not src.is_dir():
+            # a job id is a folder name under failed/, never a path (`../processing/x` must not move a live job)
+            raise TranscribeError(f"no failed job {job_id!r} in {self.failed} (`transcribe status` lists them)")
         record = self._read_record(src)
         record.attempts = 0
         record.history.append({"retried": now_iso()})
@@ -935,3 +939,34 @@ class TaskDir:
                 with contextlib.suppress(FileNotFoundError):
                     ages.append(time.time() - e.stat(follow_symlinks=False).st_mtime)
         return max(ages) if ages else None
+
+
+SWEEP_INTERVAL = 2.0  # seconds between sweeps of processing/ for jobs whose lease nobody holds
+TMP_SWEEP_INTERVAL = 600.0  # seconds between sweeps of tmp/ (day-old leftovers) and of orphaned sidecars
+
+
+class Housekeeping:
+    """The periodic clean-ups every server of a task directory runs (pool supervisor, lock mode, Ray
+    driver): requeue jobs nobody holds (`TaskDir.sweep`), and now and then tmp/ leftovers and orphaned
+    sidecars. `counted` says whether a recovered job's attempt counts (a callable gets the lease info)."""
+
+    def __init__(self, td: TaskDir, *, keep_audio: bool,
+                 counted: bool | Callable[[dict[str, Any]], bool] = True) -> None:
+        self.td, self.keep_audio, self.counted = td, keep_audio, counted
+        self._sweep_due = self._tmp_due = 0.0
+
+    def tick(self, *, now: float | None = None, force: bool = False) -> None:
+        """Run what is due (`force`: the processing/ sweep now, e.g. right after a worker was reaped).
+        Never raises: a failing disk is logged and retried on a later tick."""
+        now = time.monotonic() if now is None else now
+        try:
+            if force or now >= self._sweep_due:
+                self._sweep_due = now + SWEEP_INTERVAL
+                self.td.sweep("worker_died", "the worker stopped during the job", keep_audio=self.keep_audio,
+                              counted=self.counted)
+            if now >= self._tmp_due:
+                self._tmp_due = now + TMP_SWEEP_INTERVAL
+                self.td.sweep_tmp()
+                self.td.sweep_orphan_sidecars()
+        except Exception as e:  # noqa: BLE001 - housekeeping must never stop a server
+            logger.opt(exception=e).error("housekeeping of {} failed; retrying later", self.td.root)
