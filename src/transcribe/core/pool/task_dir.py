@@ -534,7 +534,12 @@ class TaskDir:
     def _read_record(self, job_dir: Path) -> JobRecord:
         """job.json, or one rebuilt from the dir (a crash right after the claim rename leaves none)."""
         try:
-            return JobRecord.from_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+            record = JobRecord.from_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+            if not isinstance(record.options, (dict, type(None))):
+                raise TypeError("options is not an object")
+            # the folder names the job: a record copied from elsewhere must not requeue it under another id
+            record.job_id = job_dir.name.removesuffix(JOB_SUFFIX)
+            return record
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, or not a record we wrote
             audio = self._audio_in(job_dir)
             name = audio.name if audio else "audio"
