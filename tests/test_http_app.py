@@ -97,13 +97,18 @@ def test_fields_map_to_job_options():
     assert (req.response_format, req.language) == ("srt", "zh")
     options, _ = parse_fields({"hotwords": ["one", "two,three"], "prompt": ["ignored when hotwords are given"]})
     assert options.hotwords == ["one", "two", "three"]
+    options, _ = parse_fields({"min_speakers": ["2"], "max_speakers": ["4"]})
+    assert (options.min_speakers, options.max_speakers) == (2, 4)
+    options, _ = parse_fields({"diarize": ["false"]})
+    assert options.diarize is False
 
 
 @pytest.mark.parametrize("fields, param, code", [
     ({"speakers": ["1", "2"]}, "speakers", "duplicate_field"),
     ({"speakers": ["99"]}, "speakers", "invalid_value"),
-    ({"max_speakers": ["3"]} if "max_speakers" not in JobOptions.model_fields else {"max_speakers": ["x"]},
-     "max_speakers", None),
+    ({"max_speakers": ["x"]}, "max_speakers", "invalid_value"),
+    ({"min_speakers": ["4"], "max_speakers": ["2"]}, "min_speakers", "invalid_value"),
+    ({"speakers": ["2"], "min_speakers": ["2"]}, "speakers", "invalid_value"),
     ({"prompt": ["x" * 101]}, "prompt", "invalid_value"),
     ({"stream": ["true"]}, "stream", "unsupported_parameter"),
     ({"timestamp_granularities[]": ["word"]}, "timestamp_granularities", "unsupported_parameter"),
