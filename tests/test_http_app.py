@@ -258,3 +258,19 @@ def test_job_state_follows_the_task_directory(app_for, retryable, status):
     r = client.get(f"/v1/jobs/{job_id}/result")
     assert r.status_code == status and error(r)["code"] == state["error"]["reason"]
     assert error(r)["job_id"] == job_id
+
+
+def test_subtitles_are_the_files_the_worker_committed(app_for):
+    """srt/vtt over HTTP are byte for byte the job's committed files (rendered with its line limits)."""
+    from transcribe.core.engine.formats import render
+    from transcribe.core.engine.result import Result, Segment
+
+    client = app_for()
+    job_id = client.post("/v1/jobs", files={"file": ("call.wav", wav_bytes())}).json()["id"]
+    job = client.td.claim(client.td.inbox / f"{job_id}.job", "w1")
+    result = Result(text="你好世界", segments=[Segment(0.0, 1.5, "你好世界", "Speaker1")], speakers=["Speaker1"],
+                    duration=1.5, processing_time=0.1, rtf=0.07, device="cpu", models={})
+    wrapped = "1\n00:00:00,000 --> 00:00:01,500\n[Speaker1] 你好\n世界\n"  # as a 2-character line limit gives
+    client.td.complete(job, {"json": result.to_json(), "srt": wrapped}, keep_audio=False)
+    assert client.get(f"/v1/jobs/{job_id}/result", params={"format": "srt"}).text == wrapped
+    assert client.get(f"/v1/jobs/{job_id}/result", params={"format": "vtt"}).text == render(result, "vtt")

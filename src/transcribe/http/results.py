@@ -149,4 +149,8 @@ def result_response(td: TaskDir, job_id: str, fmt: str, language: str | None = N
     if fmt == "text":
         return PlainTextResponse(result.text + "\n", headers=headers)
     media = {"srt": "application/x-subrip", "vtt": "text/vtt"}[fmt]
-    return Response(render(result, fmt), media_type=f"{media}; charset=utf-8", headers=headers)
+    # the file the worker committed beside the JSON, rendered with the job's own layout (line limits), when
+    # the job asked for this format; otherwise rendered here from the result
+    committed = td.done / f"{job_id}.{fmt}"
+    body = committed.read_text(encoding="utf-8") if committed.is_file() else render(result, fmt)
+    return Response(body, media_type=f"{media}; charset=utf-8", headers=headers)
