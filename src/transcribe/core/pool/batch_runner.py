@@ -76,12 +76,8 @@ def run_jobs(td: TaskDir, jobs: list[Job], engine: BatchTranscriber, cfg: Config
             batched.append((i, job, options))
             continue
         # an option the batch engine does not cover: this job takes the Transcriber's own path
-        try:
-            result: Result | BaseException = engine.transcriber.transcribe(
-                job.audio_path, **kwargs, extension=job.extension, source_name=job.record.original_name)
-        except Exception as exc:  # noqa: BLE001 - recorded for this job alone
-            result = exc
-        outcomes[i] = commit_result(td, job, options, result, cfg, worker_id, notifier)
+        outcomes[i] = commit_result(td, job, options, transcribe_alone(engine, job, options, cfg), cfg, worker_id,
+                                    notifier)
     items = [EngineJob(job.audio_path, speakers=o.speakers, hotwords=o.hotwords, batch_size_s=o.batch_size_s,
                        extension=job.extension, source_name=job.record.original_name) for _, job, o in batched]
     results = engine.transcribe_many(items) if items else []
@@ -90,13 +86,19 @@ def run_jobs(td: TaskDir, jobs: list[Job], engine: BatchTranscriber, cfg: Config
             # a failure inside a shared batch: this job alone through the Transcriber, which has the runtime
             # device fallback (out of memory) and the typed user errors (too many speakers)
             logger.warning("job {}: failed in its batch ({}); retrying it alone", job.job_id, result)
-            try:
-                result = engine.transcriber.transcribe(job.audio_path, **options.engine_kwargs(cfg),
-                                                       extension=job.extension, source_name=job.record.original_name)
-            except Exception as exc:  # noqa: BLE001 - recorded for this job alone
-                result = exc
+            result = transcribe_alone(engine, job, options, cfg)
         outcomes[i] = commit_result(td, job, options, result, cfg, worker_id, notifier)
     return [outcomes[i] for i in range(len(jobs))]
+
+
+def transcribe_alone(engine: BatchTranscriber, job: Job, options: JobOptions, cfg: Config) -> Result | Exception:
+    """One job through the engine's `Transcriber` (every option, the runtime fallback, the typed errors);
+    its error is returned, recorded for this job alone."""
+    try:
+        return engine.transcriber.transcribe(job.audio_path, **options.engine_kwargs(cfg), extension=job.extension,
+                                             source_name=job.record.original_name)
+    except Exception as exc:  # noqa: BLE001 - recorded for this job alone
+        return exc
 
 
 def engine_covers(kwargs: dict[str, object], cfg: Config) -> bool:
