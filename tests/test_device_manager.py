@@ -127,3 +127,19 @@ def test_device_info_on_faked_cuda(fake_devices, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props)
     info = DeviceManager.get_device_info("cuda:0")
     assert info["name"] == "H100" and info["memory_total_mb"] == 80 * 1024
+
+
+def test_a_transcriber_gives_every_cpu_thread_pool_of_its_process_the_ncpu_budget(transcriber):
+    """FunASR limits only torch; the BLAS/OpenMP pools of numpy, scipy and scikit-learn (clustering) default
+    to one thread per core, which oversubscribes a machine running several workers."""
+    import os
+
+    import torch
+    from threadpoolctl import threadpool_info
+
+    assert transcriber.config.funasr.ncpu == 1
+    assert any(name.startswith("openblas") for name in transcriber.cpu_threads), transcriber.cpu_threads
+    assert set(transcriber.cpu_threads.values()) == {1}
+    assert {pool["num_threads"] for pool in threadpool_info()} == {1}
+    assert torch.get_num_threads() == 1
+    assert os.environ["OMP_NUM_THREADS"] == "1"

@@ -36,7 +36,7 @@ from loguru import logger
 from transcribe.config import Config, as_config
 from transcribe.core.engine import model_store
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
-from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager
+from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager, limit_cpu_threads
 from transcribe.core.engine.fallback import (
     device_failure_reason,
     release_device_memory,
@@ -148,6 +148,7 @@ class Transcriber:
         self.config = config
         self.device = device or DeviceManager.select_device(config.funasr)
         self.patches = apply_patches(self.device.device)
+        self.cpu_threads = limit_cpu_threads(config.funasr.ncpu)
         if config.funasr.fast_cif:
             from transcribe.core.engine import fast_cif
 
