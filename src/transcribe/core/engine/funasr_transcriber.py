@@ -34,7 +34,7 @@ import numpy as np
 from loguru import logger
 
 from transcribe.config import Config, as_config
-from transcribe.core.engine import model_store
+from transcribe.core.engine import fast_punc, model_store
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
 from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager, limit_cpu_threads
 from transcribe.core.engine.fallback import (
@@ -167,6 +167,10 @@ class Transcriber:
         self._time_stages()
         self._autocast_encoder()
         self.fast_diarization = self._enable_fast_diarization()
+        self.fast_punc = (fast_punc.install(getattr(self.model, "punc_model", None), version("funasr"))
+                          if config.funasr.fast_punc else None)
+        if self.fast_punc is not None:
+            self.patches.append(fast_punc.NAME)
         self.clustering = cluster_bounds.install(self.model, version("funasr"))
         if self.clustering is not None:
             self.patches.append(cluster_bounds.NAME)

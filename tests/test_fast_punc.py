@@ -1,0 +1,164 @@
+"""fast_punc: ct-punc's output equals FunASR's own loop, with one host transfer per mini-sentence.
+
+The reference is FunASR's unpatched ``inference`` in the same process: the wrapper is switched off
+at call time (``enabled = False`` calls the original bound method, with no instance attribute left).
+`tests.support.host_syncs` marks the punctuation logits as if they lived on a GPU and counts every
+read of them (or of anything computed from them) into Python: the syncs CUDA would pay.
+"""
+
+from __future__ import annotations
+
+import random
+from importlib.metadata import version
+
+import pytest
+import torch
+from funasr import AutoModel
+
+from tests.conftest import model_config, shared_audio
+from tests.support.host_syncs import counting, punc_logits_on_device
+from transcribe.core.engine import fast_punc
+
+SPLIT_SIZE = 20  # FunASR's default mini-sentence length (tokens)
+
+
+@pytest.fixture(scope="module")
+def punc(tiny_models):
+    am = AutoModel(model=str(tiny_models["punc"]), device="cpu", ncpu=1, disable_update=True, disable_pbar=True,
+                   log_level="ERROR")
+    wrapper = fast_punc.install(am.model, version("funasr"))
+    assert wrapper is not None
+    return am, wrapper
+
+
+def mixed_text(seed: int, words: int) -> str:
+    """Chinese characters (in and out of the model's vocabulary), English words, digits, odd spacing."""
+    rng = random.Random(seed)
+    english = ["hello", "World", "GPU", "okay", "it's", "FunASR", "api", "Zoom", "x", "COVID"]
+    parts = []
+    for _ in range(words):
+        kind = rng.random()
+        if kind < 0.7:
+            parts.append("".join(chr(rng.choice([0x4E00 + rng.randrange(600), 0x9000 + rng.randrange(500)]))
+                                 for _ in range(rng.randint(1, 6))))
+        elif kind < 0.9:
+            parts.append(rng.choice(english))
+        else:
+            parts.append(str(rng.randrange(10 ** rng.randint(1, 6))))
+    text = ""
+    for part in parts:  # Chinese runs joined as ASR output is; spaces around Latin words and digits
+        text += part if part[0] >= "\u4e00" and text and text[-1] >= "\u4e00" else " " + part
+    return text.strip()
+
+
+def run(am, wrapper, text: str, enabled: bool, **kwargs):
+    wrapper.enabled = enabled
+    try:
+        with punc_logits_on_device(type(am.model)), counting() as syncs:
+            [out] = am.generate(input=text, **kwargs)
+    finally:
+        wrapper.enabled = True
+    assert "punc_forward" not in am.model.__dict__  # nothing left behind on the model
+    return out, syncs.total
+
+
+def assert_same(ref: dict, got: dict) -> None:
+    assert got["text"] == ref["text"]
+    if ref["punc_array"] is None:
+        assert got["punc_array"] is None
+    else:
+        assert got["punc_array"].dtype == ref["punc_array"].dtype
+        assert got["punc_array"].tolist() == ref["punc_array"].tolist()
+
+
+@pytest.fixture(params=["as_built", "no_sentence_end", "tied_logits", "sentence_end_heavy"])
+def decoder_variant(request, punc):
+    """Bias the tiny model's output layer so that every branch of FunASR's loop is taken.
+
+    no_sentence_end: never 。/？, so the carried tail grows past 200 tokens and is cut at a comma;
+    tied_logits: every row has exactly equal logits for "，", "。" and "？" (topk's tie rule decides);
+    sentence_end_heavy: short sentences, carries of a token or two.
+    """
+    decoder = punc[0].model.decoder
+    saved = decoder.weight.detach().clone(), decoder.bias.detach().clone()
+    with torch.no_grad():
+        if request.param == "no_sentence_end":
+            decoder.bias[3] = decoder.bias[4] = -30.0
+            decoder.bias[2] += 1.5
+        elif request.param == "tied_logits":
+            decoder.weight.zero_()
+            decoder.bias.copy_(torch.tensor([-30.0, -1.0, 0.5, 0.5, 0.5, -1.0]))
+        elif request.param == "sentence_end_heavy":
+            decoder.bias[3] += 3.0
+    yield request.param
+    with torch.no_grad():
+        decoder.weight.copy_(saved[0])
+        decoder.bias.copy_(saved[1])
+
+
+@pytest.mark.parametrize("seed, words", [(1, 1500), (2, 400)])
+def test_long_mixed_text_equals_funasr(punc, decoder_variant, seed, words):
+    am, wrapper = punc
+    text = mixed_text(seed, words)
+    assert len(text) > 1000
+    ref, ref_syncs = run(am, wrapper, text, enabled=False)
+    got, got_syncs = run(am, wrapper, text, enabled=True)
+    assert_same(ref, got)
+    marks = ref["punc_array"].tolist()
+    assert len(marks) > 1000
+    if decoder_variant == "no_sentence_end":
+        assert 4 not in marks and marks.count(3) > 1  # the 200-token cut at a comma ran (and the final period)
+    if decoder_variant == "tied_logits":
+        assert set(marks) == {2, 3}  # topk's choice among the tied, the comma; periods where FunASR cuts
+    # One transfer per mini-sentence (FunASR cuts ceil(tokens / split_size) of them), where FunASR reads
+    # the device tensor several times per token.
+    assert got_syncs == -(-len(marks) // SPLIT_SIZE)
+    assert ref_syncs > 2 * len(marks)
+
+
+@pytest.mark.parametrize("text", ["", "好", "hello", "今天 hello world 123", "a b c d e f g h i j k l m n o p q r s t u v",
+                                  "天" * 21, "这个 GPU 很快" * 9])
+@pytest.mark.parametrize("split_size", [2, 5, SPLIT_SIZE])
+def test_short_and_edge_texts_equal_funasr(punc, text, split_size):
+    am, wrapper = punc
+    ref, _ = run(am, wrapper, text, enabled=False, split_size=split_size)
+    got, _ = run(am, wrapper, text, enabled=True, split_size=split_size)
+    assert_same(ref, got)
+
+
+def test_installs_only_on_ct_transformer_and_the_verified_version(punc):
+    am, wrapper = punc
+    assert fast_punc.install(am.model, version("funasr")) is wrapper  # idempotent
+    assert fast_punc.install(am.model, "1.4.15") is None  # unverified version: nothing (more) installed
+    assert fast_punc.install(None, version("funasr")) is None
+    assert fast_punc.install(torch.nn.Linear(1, 1), version("funasr")) is None
+    assert not fast_punc.supported("1.4.15") and not fast_punc.supported("1.5.0") and fast_punc.supported("1.4.16")
+
+
+def test_transcriber_uses_it_and_keeps_the_transcript(transcriber):
+    """The Transcriber's ct-punc runs the fast path (one transfer per mini-sentence) with the same result
+    as with FunASR's own loop (tests/test_parity.py compares it with bare FunASR, too)."""
+    assert "fast_punc" in transcriber.patches and transcriber.fast_punc.enabled
+    path = shared_audio("podcast_2speakers_60s.wav")
+    results, syncs = {}, {}
+    for enabled in (False, True):
+        transcriber.fast_punc.enabled = enabled
+        try:
+            with punc_logits_on_device(type(transcriber.model.punc_model)), counting() as counted:
+                result = transcriber.transcribe(path, speakers=2)
+        finally:
+            transcriber.fast_punc.enabled = True
+        results[enabled] = [(s.start, s.end, s.text, s.speaker) for s in result.segments]
+        syncs[enabled] = counted.total
+    assert results[True] == results[False] and len(results[True]) > 3
+    chars = sum(len(s[2]) for s in results[True])
+    assert syncs[True] <= chars / SPLIT_SIZE * 2 + 2 < chars < syncs[False]
+
+
+def test_config_key_turns_it_off(tiny_models, tmp_path):
+    from transcribe.config import config_from_dict
+    from transcribe.core.engine.funasr_transcriber import Transcriber
+
+    t = Transcriber(config_from_dict(model_config(tiny_models, fast_punc=False), tmp_path))
+    assert t.fast_punc is None and "fast_punc" not in t.patches
+    assert "inference" not in t.model.punc_model.__dict__
