@@ -1,13 +1,15 @@
 """fast_punc: ct-punc's output equals FunASR's own loop, with one host transfer per mini-sentence.
 
-The reference is FunASR's unpatched ``inference`` in the same process: the wrapper is switched off
-at call time (``enabled = False`` calls the original bound method, with no instance attribute left).
+The reference is FunASR's unpatched code in the same process: `fast_punc.funasr_own` switches the
+wrapper off at call time (the original bound method runs, with no instance attribute left) and puts
+FunASR's own sentence builders back in ``funasr.auto.auto_model`` for the duration.
 `tests.support.host_syncs` marks the punctuation logits as if they lived on a GPU and counts every
 read of them (or of anything computed from them) into Python: the syncs CUDA would pay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from importlib.metadata import version
 
@@ -52,12 +54,9 @@ def mixed_text(seed: int, words: int) -> str:
 
 
 def run(am, wrapper, text: str, enabled: bool, **kwargs):
-    wrapper.enabled = enabled
-    try:
+    with contextlib.nullcontext() if enabled else fast_punc.funasr_own(wrapper):
         with punc_logits_on_device(type(am.model)), counting() as syncs:
             [out] = am.generate(input=text, **kwargs)
-    finally:
-        wrapper.enabled = True
     assert "punc_forward" not in am.model.__dict__  # nothing left behind on the model
     return out, syncs.total
 
@@ -126,6 +125,31 @@ def test_short_and_edge_texts_equal_funasr(punc, text, split_size):
     assert_same(ref, got)
 
 
+@pytest.mark.parametrize("builder", fast_punc.SENTENCE_FUNCTIONS)
+@pytest.mark.parametrize("seed, tokens, words", [(3, 3000, 3000), (4, 500, 480), (5, 40, 45), (6, 0, 0), (7, 1, 1)])
+def test_sentence_builders_equal_funasr_with_one_read(punc, builder, seed, tokens, words):
+    """FunASR's timestamp_sentence(_en) on a list of the marks equals it on the tensor, lengths
+    mismatched or not (zip_longest), with one read of the (device) tensor instead of one per token."""
+    from funasr.utils import timestamp_tools
+
+    from tests.support.host_syncs import mark
+
+    original = getattr(timestamp_tools, builder)
+    wrapped = fast_punc.marks_as_list(original)
+    rng = random.Random(seed)
+    marks = torch.tensor([rng.choice([1, 1, 1, 2, 3, 4, 5]) for _ in range(tokens)], dtype=torch.int64)
+    stamps = [[i * 60, i * 60 + rng.randint(10, 59)] for i in range(tokens)]
+    text = " ".join(rng.choice(["好", "天", "GPU", "hello", "42", "气"]) for _ in range(words))
+    for raw in (False, True):
+        with counting() as ref_reads:
+            expected = original(mark(marks), stamps, text, return_raw_text=raw)
+        with counting() as reads:
+            got = wrapped(mark(marks), stamps, text, return_raw_text=raw)
+        assert got == expected
+        assert reads.total <= 1 and ref_reads.total >= (tokens if words else 0)
+    assert wrapped(None, stamps, text) == original(None, stamps, text)
+
+
 def test_installs_only_on_ct_transformer_and_the_verified_version(punc):
     am, wrapper = punc
     assert fast_punc.install(am.model, version("funasr")) is wrapper  # idempotent
@@ -142,16 +166,15 @@ def test_transcriber_uses_it_and_keeps_the_transcript(transcriber):
     path = shared_audio("podcast_2speakers_60s.wav")
     results, syncs = {}, {}
     for enabled in (False, True):
-        transcriber.fast_punc.enabled = enabled
-        try:
+        with contextlib.nullcontext() if enabled else fast_punc.funasr_own(transcriber.fast_punc):
             with punc_logits_on_device(type(transcriber.model.punc_model)), counting() as counted:
                 result = transcriber.transcribe(path, speakers=2)
-        finally:
-            transcriber.fast_punc.enabled = True
         results[enabled] = [(s.start, s.end, s.text, s.speaker) for s in result.segments]
         syncs[enabled] = counted.total
     assert results[True] == results[False] and len(results[True]) > 3
     chars = sum(len(s[2]) for s in results[True])
+    # One transfer per mini-sentence and one for the sentence building, where FunASR reads each token's
+    # mark from the device several times in the punctuation loop and once more building sentences.
     assert syncs[True] <= chars / SPLIT_SIZE * 2 + 2 < chars < syncs[False]
 
 

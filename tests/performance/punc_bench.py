@@ -17,6 +17,8 @@ spk: FunASR's sorting, offsets, sentence building, speaker assignment). The inpu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -40,7 +42,8 @@ def synchronize(device: str) -> None:
 
 
 def count_syncs(device: str, punc_class: type, call: Callable[[], Any]) -> int:
-    """Device-to-host syncs of one call: torch's sync debug mode on CUDA, marked logits on the CPU."""
+    """Device-to-host syncs of one call: torch's sync debug mode on CUDA, marked logits (or a marked
+    punc_array, `call` marking it itself) on the CPU."""
     if device.startswith("cuda"):
         import torch
 
@@ -80,6 +83,7 @@ def main() -> None:
     import torch
 
     from transcribe.config import config_from_dict
+    from transcribe.core.engine import fast_punc
     from transcribe.core.engine.funasr_transcriber import Transcriber, build_generate_kwargs
 
     models, (_, path, _) = models_and_recording(a)
@@ -106,14 +110,13 @@ def main() -> None:
     text = text_file.read_text(encoding="utf-8")
     gen = build_generate_kwargs(cfg, speakers=2)
 
-    def punctuate(enabled: bool) -> Callable[[], Any]:
+    def mode(fast: bool) -> Any:
+        return contextlib.nullcontext() if fast else fast_punc.funasr_own(t.fast_punc)
+
+    def punctuate(fast: bool) -> Callable[[], Any]:
         def call() -> Any:
-            t.fast_punc.enabled = enabled
-            try:
-                with torch.no_grad():
-                    return am.inference(text, model=am.punc_model, kwargs=am.punc_kwargs, **gen)[0]
-            finally:
-                t.fast_punc.enabled = True
+            with mode(fast), torch.no_grad():
+                return am.inference(text, model=am.punc_model, kwargs=am.punc_kwargs, **gen)[0]
         return call
 
     modes = {"funasr": punctuate(False), "fast_punc": punctuate(True)}
@@ -123,28 +126,44 @@ def main() -> None:
     tokens = len(outs["funasr"]["punc_array"])
     syncs = {m: count_syncs(a.device, type(am.punc_model), call) for m, call in modes.items()}
     times = alternate(modes, a.repeats, a.device)
+
+    # Sentence building (FunASR's assembly) on each mode's punc_array: FunASR's on the model's device.
+    from funasr.utils.timestamp_tools import timestamp_sentence
+
+    from tests.support.host_syncs import mark
+
+    stamps = [[i * 100, i * 100 + 80] for i in range(tokens)]
+    on_device = a.device.startswith("cuda")
+    builders = {"funasr": (timestamp_sentence, outs["funasr"]["punc_array"]),
+                "fast_punc": (fast_punc.marks_as_list(timestamp_sentence), outs["fast_punc"]["punc_array"])}
+    # On the CPU, FunASR's array is marked as the device tensor it is on a GPU; the fast path's is a host one.
+    sentence_calls = {m: functools.partial(build, marks if on_device or m == "fast_punc" else mark(marks),
+                                           stamps, text) for m, (build, marks) in builders.items()}
+    sentences_same = sentence_calls["funasr"]() == sentence_calls["fast_punc"]()
+    sentence_syncs = {m: count_syncs(a.device, type(am.punc_model), call) for m, call in sentence_calls.items()}
+    sentence_times = alternate(sentence_calls, a.repeats, a.device)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
         "size": a.size, "minutes": a.minutes, "text_chars": len(text), "tokens": tokens, "parity": same,
         "punc_s": {m: {"median": round(statistics.median(v), 4), "all": [round(x, 4) for x in v]}
                    for m, v in times.items()},
         "punc_syncs": syncs,
+        "sentences_parity": sentences_same,
+        "sentences_s": {m: round(statistics.median(v), 5) for m, v in sentence_times.items()},
+        "sentences_syncs": sentence_syncs,
     }
     if a.jobs:
         jobs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         segments = {}
         for _ in range(a.jobs):
-            for mode in modes:
-                t.fast_punc.enabled = mode == "fast_punc"
-                try:
+            for name in modes:
+                with mode(name == "fast_punc"):
                     r = t.transcribe(path, speakers=2)
-                finally:
-                    t.fast_punc.enabled = True
                 tm = r.timings
-                jobs[mode].append({"generate": tm["generate"], "punc": tm.get("punc", 0.0),
+                jobs[name].append({"generate": tm["generate"], "punc": tm.get("punc", 0.0),
                                    "assembly": tm["generate"] - sum(tm.get(s, 0.0) for s in ("vad", "asr", "punc",
                                                                                              "spk"))})
-                segments[mode] = [(s.start, s.end, s.text, s.speaker) for s in r.segments]
+                segments[name] = [(s.start, s.end, s.text, s.speaker) for s in r.segments]
         report["job_parity"] = segments["funasr"] == segments["fast_punc"]
         report["job_s"] = {m: {k: round(statistics.median(j[k] for j in v), 4) for k in v[0]}
                            for m, v in jobs.items()}

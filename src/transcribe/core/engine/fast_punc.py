@@ -22,12 +22,23 @@ FunASR's assembly reads it only through ``int()`` and ``len()``). The wrap runs 
 GPU runs. ``tests/test_fast_punc.py`` checks text and ``punc_array`` against FunASR's own on long
 mixed texts, and tests/test_parity.py whole transcripts.
 
+Then the sentence building: ``timestamp_sentence`` and ``timestamp_sentence_en`` iterate ``punc_array``
+(``Tensor.__iter__``, one 0-d tensor per token) and ``int()`` each element: a sync per token on a GPU
+(FunASR's own array lives there), ~1 us per token on the host. Their names in ``funasr.auto.auto_model`` are
+wrapped to hand them ``punc_array.tolist()`` instead (one transfer): ``int()`` of a Python int is the
+same number, ``len`` the same length, so the same sentences. That wrap is process-wide (module
+names), like `fast_cif`; `funasr_own` restores FunASR's functions for a comparison.
+
 Only ``CTTransformer`` on FunASR 1.4.16 is wrapped (the lines above were read from that version);
 other punctuation models and versions run FunASR's own code. ``funasr.fast_punc: false`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -36,6 +47,9 @@ from loguru import logger
 NAME = "fast_punc"
 VERIFIED_FUNASR = ("1.4.16",)
 MODEL_CLASSES = ("CTTransformer",)  # not CTTransformerStreaming (VadRealtimeTransformer): another loop
+SENTENCE_MODULE = "funasr.auto.auto_model"  # imports these by name from funasr.utils.timestamp_tools
+SENTENCE_FUNCTIONS = ("timestamp_sentence", "timestamp_sentence_en")
+_ORIGINAL_SENTENCES: dict[str, Callable[..., Any]] = {}
 
 
 def host_decision(forward: Callable[..., tuple[torch.Tensor, Any]]) -> Callable[..., tuple[torch.Tensor, Any]]:
@@ -74,6 +88,51 @@ class HostDecisionInference:
                 model.punc_forward = shadowed
 
 
+def marks_as_list(original: Callable[..., Any]) -> Callable[..., Any]:
+    """FunASR's sentence builder, handed its first argument (punc_array) as a list of ints."""
+
+    @functools.wraps(original)
+    def sentences(punc_id_list: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_tensor(punc_id_list) and punc_id_list.dim() == 1 and not punc_id_list.is_floating_point():
+            punc_id_list = punc_id_list.tolist()  # one transfer; FunASR int()s each element
+        return original(punc_id_list, *args, **kwargs)
+
+    sentences.fast_punc_wrapped = True  # type: ignore[attr-defined]
+    return sentences
+
+
+def install_sentences() -> None:
+    module = importlib.import_module(SENTENCE_MODULE)
+    for name in SENTENCE_FUNCTIONS:
+        current = getattr(module, name)
+        if not getattr(current, "fast_punc_wrapped", False):
+            _ORIGINAL_SENTENCES[name] = current
+            setattr(module, name, marks_as_list(current))
+
+
+def uninstall_sentences() -> None:
+    module = importlib.import_module(SENTENCE_MODULE)
+    for name, original in _ORIGINAL_SENTENCES.items():
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def funasr_own(wrapper: HostDecisionInference | None) -> Iterator[None]:
+    """FunASR's own punctuation loop and sentence building for the duration (tests and benchmarks)."""
+    installed = any(getattr(getattr(importlib.import_module(SENTENCE_MODULE), n), "fast_punc_wrapped", False)
+                    for n in SENTENCE_FUNCTIONS)
+    if wrapper is not None:
+        wrapper.enabled = False
+    uninstall_sentences()
+    try:
+        yield
+    finally:
+        if wrapper is not None:
+            wrapper.enabled = True
+        if installed:
+            install_sentences()
+
+
 def supported(funasr_version: str) -> bool:
     return funasr_version.split("+")[0] in VERIFIED_FUNASR
 
@@ -86,6 +145,7 @@ def install(punc_model: Any, funasr_version: str) -> HostDecisionInference | Non
         logger.info("fast punctuation not verified for {} on funasr {}: FunASR's own loop runs",
                     type(punc_model).__name__, funasr_version)
         return None
+    install_sentences()
     current = punc_model.__dict__.get("inference")
     if isinstance(current, HostDecisionInference):
         return current
