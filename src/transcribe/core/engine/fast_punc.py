@@ -9,7 +9,8 @@ and up to four times per token while building the text, each an ``__index__`` (a
 then ``punctuations.cpu()`` and a ``torch.cat`` into ``punc_array``. After ``inference`` returns,
 FunASR's sentence building (``timestamp_sentence`` in funasr/utils/timestamp_tools.py, called from
 ``AutoModel.inference_with_vad``) iterates ``punc_array`` with ``int(punc_id)`` per token. On a GPU
-each of those reads is a host sync: about eight per token, tens of thousands per 10-minute job.
+each of those reads is a host sync: about five per token (3.9 in the loop, measured, and one building
+sentences), some 22,000 for the 4,495 tokens of a 10-minute job (docs/benchmarks.md#punctuation).
 
 Here, for the duration of one ``inference`` call, ``punc_forward`` hands FunASR a host one-hot of
 the device's decision instead of the device logits: FunASR's own ``topk(1)`` runs on the device
