@@ -54,9 +54,9 @@ def mixed_text(seed: int, words: int) -> str:
 
 
 def run(am, wrapper, text: str, enabled: bool, **kwargs):
-    with contextlib.nullcontext() if enabled else fast_punc.funasr_own(wrapper):
-        with punc_logits_on_device(type(am.model)), counting() as syncs:
-            [out] = am.generate(input=text, **kwargs)
+    reference = contextlib.nullcontext() if enabled else fast_punc.funasr_own(wrapper)
+    with reference, punc_logits_on_device(type(am.model)), counting() as syncs:
+        [out] = am.generate(input=text, **kwargs)
     assert "punc_forward" not in am.model.__dict__  # nothing left behind on the model
     return out, syncs.total
 
@@ -108,7 +108,7 @@ def test_long_mixed_text_equals_funasr(punc, decoder_variant, seed, words):
     if decoder_variant == "no_sentence_end":
         assert 4 not in marks and marks.count(3) > 1  # the 200-token cut at a comma ran (and the final period)
     if decoder_variant == "tied_logits":
-        assert set(marks) == {2, 3}  # topk's choice among the tied, the comma; periods where FunASR cuts
+        assert set(marks) == {2, 3}  # topk picks one tied mark (the comma here); periods at FunASR's 200-token cuts
     # One transfer per mini-sentence (FunASR cuts ceil(tokens / split_size) of them), where FunASR reads
     # the device tensor several times per token.
     assert got_syncs == -(-len(marks) // SPLIT_SIZE)
@@ -166,9 +166,9 @@ def test_transcriber_uses_it_and_keeps_the_transcript(transcriber):
     path = shared_audio("podcast_2speakers_60s.wav")
     results, syncs = {}, {}
     for enabled in (False, True):
-        with contextlib.nullcontext() if enabled else fast_punc.funasr_own(transcriber.fast_punc):
-            with punc_logits_on_device(type(transcriber.model.punc_model)), counting() as counted:
-                result = transcriber.transcribe(path, speakers=2)
+        reference = contextlib.nullcontext() if enabled else fast_punc.funasr_own(transcriber.fast_punc)
+        with reference, punc_logits_on_device(type(transcriber.model.punc_model)), counting() as counted:
+            result = transcriber.transcribe(path, speakers=2)
         results[enabled] = [(s.start, s.end, s.text, s.speaker) for s in result.segments]
         syncs[enabled] = counted.total
     assert results[True] == results[False] and len(results[True]) > 3

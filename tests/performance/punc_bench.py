@@ -24,8 +24,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
@@ -84,7 +85,10 @@ def main() -> None:
 
     from transcribe.config import config_from_dict
     from transcribe.core.engine import fast_punc
-    from transcribe.core.engine.funasr_transcriber import Transcriber, build_generate_kwargs
+    from transcribe.core.engine.funasr_transcriber import (
+        Transcriber,
+        build_generate_kwargs,
+    )
 
     models, (_, path, _) = models_and_recording(a)
     cfg = config_from_dict({"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
