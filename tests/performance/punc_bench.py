@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="punctuation calls per mode")
     ap.add_argument("--jobs", type=int, default=3, help="whole jobs per mode (0: punctuation stage only)")
     a = ap.parse_args()
+    import numpy as np
     import torch
 
     from transcribe.config import config_from_dict
@@ -158,16 +159,17 @@ def main() -> None:
     }
     if a.jobs:
         jobs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
-        segments = {}
+        segments: dict[str, list[list[tuple]]] = {m: [] for m in modes}
         for _ in range(a.jobs):
             for name in modes:
+                np.random.seed(0)  # FunASR's k-means (sklearn, random_state=None) uses numpy's global RNG
                 with mode(name == "fast_punc"):
                     r = t.transcribe(path, speakers=2)
                 tm = r.timings
                 jobs[name].append({"generate": tm["generate"], "punc": tm.get("punc", 0.0),
                                    "assembly": tm["generate"] - sum(tm.get(s, 0.0) for s in ("vad", "asr", "punc",
                                                                                              "spk"))})
-                segments[name] = [(s.start, s.end, s.text, s.speaker) for s in r.segments]
+                segments[name].append([(s.start, s.end, s.text, s.speaker) for s in r.segments])
         report["job_parity"] = segments["funasr"] == segments["fast_punc"]
         report["job_s"] = {m: {k: round(statistics.median(j[k] for j in v), 4) for k in v[0]}
                            for m, v in jobs.items()}
