@@ -151,6 +151,44 @@ def test_sentence_builders_equal_funasr_with_one_read(punc, builder, seed, token
     assert wrapped(None, stamps, text) == original(None, stamps, text)
 
 
+def speaker_turns(rng: random.Random, n: int, ordered: bool) -> list:
+    """Turns in seconds as FunASR's ``postprocess`` returns them: chronological, touching or apart."""
+    turns, t = [], 0.0
+    for _ in range(n):
+        start = t + rng.choice([0.0, 0.0, rng.uniform(0.0, 2.0)])
+        t = start + rng.uniform(0.01, 6.0)
+        turns.append([round(start, rng.choice([2, 3, 6])), round(t, 3), rng.randrange(4)])
+    if not ordered:
+        rng.shuffle(turns)
+    return turns
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ordered", [True, False])
+def test_speaker_assignment_equals_funasr(seed, ordered):
+    """`overlapping_turns_only` assigns each sentence the speaker FunASR's full scan assigns: sentences
+    inside a turn, across turns, on boundaries, zero-length, before and after all turns, inverted."""
+    import copy
+
+    from funasr.models.campplus.utils import distribute_spk
+
+    rng = random.Random(seed)
+    turns = speaker_turns(rng, rng.choice([0, 1, 40, 300]), ordered)
+    end_ms = int((turns[-1][1] if turns and ordered else 2000) * 1000) + 3000
+    sentences = []
+    for _ in range(500):
+        start = rng.choice([rng.randrange(-1000, end_ms), int(rng.choice(turns)[0] * 1000) if turns else 0])
+        length = rng.choice([0, rng.randrange(1, 400), rng.randrange(400, 20000), -rng.randrange(1, 500)])
+        sentences.append({"start": start, "end": start + length, "text": "x"})
+    expected = distribute_spk(copy.deepcopy(sentences), turns)
+    fallbacks = []
+    fast = fast_punc.overlapping_turns_only(lambda *a: fallbacks.append(1) or distribute_spk(*a))
+    got = fast(copy.deepcopy(sentences), turns)
+    assert got == expected
+    assert bool(fallbacks) == (not ordered and len(turns) > 1)  # unsorted turns: FunASR's own full scan
+    assert len({s["spk"] for s in expected}) > (1 if len(turns) > 1 else 0)
+
+
 def test_installs_only_on_ct_transformer_and_the_verified_version(punc):
     am, wrapper = punc
     assert fast_punc.install(am.model, version("funasr")) is wrapper  # idempotent

@@ -60,7 +60,8 @@ class FunasrConfig(_Section):
     fast_diarization: bool = True
     # Bit-exact CPU scans for the SeACo/BiCif Paraformer CIF loops (src/transcribe/core/fast_cif.py).
     fast_cif: bool = True
-    # ct-punc with one device-to-host transfer per mini-sentence, not one per token (core/engine/fast_punc.py).
+    # ct-punc with one device-to-host transfer per mini-sentence, not one per token, and FunASR's sentence
+    # building and speaker assignment without per-token reads or sentence x turn scans (core/engine/fast_punc.py).
     fast_punc: bool = True
     # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
     # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
