@@ -114,8 +114,9 @@ def failure_error(td: TaskDir, job_id: str) -> ApiError:
 
 
 def verbose_json(result: Result, job_id: str, language: str | None) -> dict[str, Any]:
-    """OpenAI's verbose_json plus speakers and this project's timings."""
-    return {
+    """OpenAI's verbose_json plus speakers and this project's timings; `words` when the job had word
+    timestamps (`timestamp_granularities[]=word`, or word_timestamps in the job's options)."""
+    body = {
         "task": "transcribe", "language": language, "duration": result.duration, "text": result.text,
         "segments": [{"id": i, "start": s.start, "end": s.end, "text": s.text, "speaker": s.speaker}
                      for i, s in enumerate(result.segments)],
@@ -123,6 +124,10 @@ def verbose_json(result: Result, job_id: str, language: str | None) -> dict[str,
         "rtf": result.rtf, "timings": result.timings, "device": result.device, "models": result.models,
         "usage": usage(result),
     }
+    if any(s.words is not None for s in result.segments):
+        body["words"] = [{"word": w.text, "start": w.start, "end": w.end}
+                         for s in result.segments for w in (s.words or ())]
+    return body
 
 
 def usage(result: Result) -> dict[str, Any]:
