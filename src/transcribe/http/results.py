@@ -68,7 +68,7 @@ def job_state(td: TaskDir, job_id: str) -> dict[str, Any]:
             return {**info, "source": result.get("source"), "duration": result.get("duration"),
                     "rtf": result.get("rtf"), "speakers": result.get("speakers")}
         if state == "failed":
-            error = _read_json(path / ERROR_FILE)
+            error = td.failure_info(job_id)
             return {**info, "attempts": error.get("attempts"), "error": {
                 k: error.get(k) for k in ("reason", "error_type", "message", "retryable", "last_reason")}}
         job_dir = path
@@ -106,7 +106,7 @@ async def wait_for_outcome(td: TaskDir, job_id: str, timeout: float) -> str | No
 
 def failure_error(td: TaskDir, job_id: str) -> ApiError:
     """A failed job as an error response: 400 for bad input (not retryable), 500 otherwise."""
-    error = _read_json(td.failed / job_id / ERROR_FILE)
+    error = td.failure_info(job_id)
     bad_input = error.get("retryable") is False
     reason = str(error.get("reason") or "failed")
     return ApiError(400 if bad_input else 500, f"job {job_id} failed: {error.get('message') or reason}",
