@@ -484,7 +484,9 @@ class AsyncTranscriber:
         self.transcriber = transcriber
         self._lock = asyncio.Lock()
         share_main_malloc_arena()  # before the model thread exists: see the function
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funasr")
+        # OpenMP's thread count is per calling thread: the model thread sets the budget for itself too
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funasr", initializer=limit_cpu_threads,
+                                            initargs=(transcriber.config.funasr.ncpu,))
 
     @classmethod
     def from_config(cls, config: Config | dict[str, Any] | str | os.PathLike[str]) -> "AsyncTranscriber":
