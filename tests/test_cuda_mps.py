@@ -287,7 +287,7 @@ def test_a_pool_on_cpu_starts_no_daemon_even_with_cuda_mps_true(tmp_path, tiny_m
     """(auto on the CPU: the decision table above; this is the supervisor's wiring of it.)"""
     _, record = fake
     td = tmp_path / "tasks"
-    srv = Server(_pool(tmp_path, tiny_models, cuda_mps=True), workers=1)
+    srv = Server(_pool(tmp_path, tiny_models, cuda_mps=True, start_method="spawn"), workers=1)  # no fork server wait
     try:
         wait_until(lambda: _supervisor_state(td).get("cuda_mps"), 60, "the supervisor's status")
         mps = _supervisor_state(td)["cuda_mps"]
@@ -318,7 +318,7 @@ def test_a_daemon_that_cannot_start_is_a_warning_on_auto(tmp_path, tiny_models, 
     _, record = fake
     monkeypatch.setenv("FAKE_MPS_FAIL", "1")
     td = tmp_path / "tasks"
-    srv = Server(_pool(tmp_path, tiny_models, devices=["cuda:0"]), workers=1)
+    srv = Server(_pool(tmp_path, tiny_models, devices=["cuda:0"], start_method="spawn"), workers=1)
     try:
         wait_until(lambda: _supervisor_state(td).get("cuda_mps"), 60, "the supervisor's status")
         assert _supervisor_state(td)["cuda_mps"]["state"] == "off"

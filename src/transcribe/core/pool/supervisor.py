@@ -16,6 +16,10 @@ failure stops the pool only after `MAX_BOOT_FAILURES` in a row.
 The supervisor never imports torch or FunASR: devices are probed in a short-lived subprocess,
 and every GPU/MPS backend is initialised only inside workers. With the forkserver start method the
 workers are children of the fork server (itself a child of the supervisor), in the same process group.
+
+CUDA MPS (`pool.cuda_mps`, cuda_mps.py): when the plan puts a worker on CUDA, the supervisor starts a
+private MPS control daemon before the first worker and puts its pipe directory in os.environ, which the
+fork server copies when it starts (at the first worker); it tells the daemon to quit after the last worker.
 """
 
 from __future__ import annotations
