@@ -327,3 +327,19 @@ def test_a_daemon_that_cannot_start_is_a_warning_on_auto(tmp_path, tiny_models, 
         srv.kill_group()
     assert [e["event"] for e in events(record)] == ["daemon"]
     assert "CUDA MPS: off: the daemon did not start (nvidia-cuda-mps-control exited with code 1" in srv.output()
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+def test_doctor_says_what_serve_would_do_about_mps_on_a_cuda_machine(tmp_path, fake, monkeypatch):
+    from transcribe.core.doctor import _mps_check
+
+    check = _mps_check(config_from_dict({}))
+    assert (check.ok, check.fatal) == (True, False) and check.detail.startswith("on: a private daemon")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    check = _mps_check(config_from_dict({}))
+    assert (check.ok, check.fatal) == (False, False) and "not on PATH" in check.detail  # a warning
+    check = _mps_check(config_from_dict({"pool": {"cuda_mps": True}}))
+    assert (check.ok, check.fatal) == (False, True) and "set pool.cuda_mps to" in check.detail
+    assert _mps_check(config_from_dict({"pool": {"cuda_mps": False}})).ok
