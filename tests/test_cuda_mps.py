@@ -129,7 +129,8 @@ def test_a_daemon_that_ignores_quit_is_killed_after_the_timeout(tmp_path, fake, 
     daemon = MpsDaemon(str(exe), tmp_path / "pipe", tmp_path / "logs")
     daemon.start(timeout=30)
     daemon.stop(timeout=0.5)
-    assert [e["event"] for e in events(record)][0] == "daemon" and "exit" not in [e["event"] for e in events(record)]
+    seen = [e["event"] for e in events(record)]
+    assert seen[:1] == ["daemon"] and "exit" not in seen
     assert daemon.proc.returncode == -signal.SIGKILL and not running(daemon.pid)
 
 
@@ -224,7 +225,7 @@ def test_a_planned_thread_budget_reaches_the_worker_config(tmp_path):
     started = []
 
     class Ctx:
-        def Process(self, target, args, **kw):  # noqa: N802 - multiprocess's name
+        def Process(self, target, args, **kw):  # multiprocess's name
             started.append(args)
             return type("P", (), {"start": lambda self: None, "pid": 1})()
 
@@ -256,7 +257,7 @@ def _supervisor_state(td):
 
 @needs_shared
 def test_a_pool_on_cuda_runs_its_own_daemon_for_its_workers_and_quits_it_after_them(tmp_path, tiny_models, fake):
-    exe, record = fake
+    _, record = fake
     td = tmp_path / "tasks"
     cfg = _pool(tmp_path, tiny_models, devices=["cuda:0"], cuda_mps="auto", shutdown_timeout=30)
     srv = Server(cfg, workers=1)
@@ -269,7 +270,7 @@ def test_a_pool_on_cuda_runs_its_own_daemon_for_its_workers_and_quits_it_after_t
         (worker,) = workers_status(td).values()
         assert worker["cuda_mps_pipe_dir"] == mps["pipe_dir"]  # the worker's CUDA would reach our daemon
         status = subprocess.run([sys.executable, "-m", "transcribe", "--config", str(cfg), "status"],
-                                capture_output=True, text=True, cwd=tmp_path, timeout=60)
+                                capture_output=True, text=True, cwd=tmp_path, timeout=60, check=True)
         assert f"CUDA MPS: on, pipe dir {mps['pipe_dir']}" in status.stdout.replace("\n", "")
         assert srv.terminate() == 0, srv.output()[-3000:]
     finally:
@@ -343,3 +344,14 @@ def test_doctor_says_what_serve_would_do_about_mps_on_a_cuda_machine(tmp_path, f
     check = _mps_check(config_from_dict({"pool": {"cuda_mps": True}}))
     assert (check.ok, check.fatal) == (False, True) and "set pool.cuda_mps to" in check.detail
     assert _mps_check(config_from_dict({"pool": {"cuda_mps": False}})).ok
+
+
+def test_mem_available_is_read_from_meminfo_and_none_where_unreadable(tmp_path):
+    from transcribe.core.pool.supervisor import mem_available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemFree:  1000 kB\nMemAvailable:   8388608 kB\n")
+    assert mem_available_bytes(str(meminfo)) == 8 * GIB
+    assert mem_available_bytes(str(tmp_path / "absent")) is None
+    meminfo.write_text("MemTotal: 1 kB\n")
+    assert mem_available_bytes(str(meminfo)) is None

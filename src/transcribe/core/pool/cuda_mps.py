@@ -121,7 +121,9 @@ class MpsDaemon:
                 # its own session: a Ctrl-C to the terminal's group must not stop it before the workers
                 self.proc = subprocess.Popen([self.binary, "-f"], env={**os.environ, **self.env},
                                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                             start_new_session=True, preexec_fn=on_parent_death)
+                                             start_new_session=True,
+                                             # prctl is resolved above: the child only makes one system call
+                                             preexec_fn=on_parent_death)  # noqa: PLW1509
             except OSError as e:
                 raise MpsError(f"cannot run {self.binary}: {e.strerror}") from None
         deadline = time.monotonic() + timeout
