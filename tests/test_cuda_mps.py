@@ -293,6 +293,9 @@ def test_a_pool_on_cpu_starts_no_daemon_even_with_cuda_mps_true(tmp_path, tiny_m
         wait_until(lambda: _supervisor_state(td).get("cuda_mps"), 60, "the supervisor's status")
         mps = _supervisor_state(td)["cuda_mps"]
         assert mps["state"] == "off" and "no worker is planned on a CUDA device" in mps["reason"]
+        status = subprocess.run([sys.executable, "-m", "transcribe", "--config", str(td.parent / "config.json"),
+                                 "status"], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=True)
+        assert "server running" in status.stdout and "CUDA MPS" not in status.stdout  # not on a CPU pool
         assert srv.terminate() == 0, srv.output()[-3000:]
     finally:
         srv.kill_group()

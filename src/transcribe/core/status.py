@@ -111,7 +111,7 @@ def print_status(info: dict[str, Any]) -> None:
     console.print(f"task dir {info['task_dir']}", overflow="fold", markup=False)
     console.print(f"server {up}", markup=False)
     mps = server.get("cuda_mps") if server.get("alive") else None
-    if isinstance(mps, dict) and mps.get("state") in MPS_SHOWN:
+    if isinstance(mps, dict) and mps.get("cuda") and mps.get("state") in MPS_SHOWN:  # said only on CUDA pools
         where = f", pipe dir {mps['pipe_dir']}" if mps.get("pipe_dir") else ""
         console.print(f"CUDA MPS: {MPS_SHOWN[mps['state']]}{where} ({mps.get('reason')})", overflow="fold",
                       markup=False)

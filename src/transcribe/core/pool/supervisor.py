@@ -528,7 +528,8 @@ class Supervisor:
         every worker through os.environ. auto: a daemon that fails to start is a warning; true: an error."""
         setting = self.cfg.pool.cuda_mps
         decision = decide(setting, plan.cuda)
-        self.mps_state = {"state": decision.action, "reason": decision.reason, "pipe_dir": decision.pipe_dir}
+        self.mps_state = {"state": decision.action, "reason": decision.reason, "pipe_dir": decision.pipe_dir,
+                          "cuda": plan.cuda}
         if decision.action != "start":
             logger.info("CUDA MPS: {} ({})", "off" if decision.action == "off" else "using a running daemon",
                         decision.reason)
@@ -545,11 +546,12 @@ class Supervisor:
                 raise MpsError(f"pool.cuda_mps is true but the MPS daemon did not start: {e.message}; fix it or "
                                "set pool.cuda_mps to \"auto\" (run without MPS when it cannot start)") from None
             logger.warning("CUDA MPS: off: the daemon did not start ({}); workers time-slice the GPU", e.message)
-            self.mps_state = {"state": "off", "reason": f"the daemon did not start: {e.message}"}
+            self.mps_state = {"state": "off", "reason": f"the daemon did not start: {e.message}", "cuda": True}
             return
         self.mps = daemon
         os.environ.update(daemon.env)
-        self.mps_state = {"state": "on", "reason": decision.reason, "pipe_dir": str(pipe_dir), "pid": daemon.pid}
+        self.mps_state = {"state": "on", "reason": decision.reason, "pipe_dir": str(pipe_dir), "pid": daemon.pid,
+                          "cuda": True}
         logger.info("CUDA MPS: on ({}; pipe dir {})", decision.reason, pipe_dir)
 
     def _check_mps(self) -> None:
