@@ -358,3 +358,34 @@ def test_mem_available_is_read_from_meminfo_and_none_where_unreadable(tmp_path):
     assert mem_available_bytes(str(tmp_path / "absent")) is None
     meminfo.write_text("MemTotal: 1 kB\n")
     assert mem_available_bytes(str(meminfo)) is None
+
+
+@needs_shared
+def test_cuda_mps_true_with_a_daemon_that_cannot_start_does_not_start_the_pool(tmp_path, tiny_models, fake,
+                                                                              monkeypatch):
+    monkeypatch.setenv("FAKE_MPS_FAIL", "1")
+    srv = Server(_pool(tmp_path, tiny_models, devices=["cuda:0"], cuda_mps=True), workers=1)
+    try:
+        code = srv.proc.wait(60)
+    finally:
+        srv.kill_group()
+    assert code != 0 and "pool.cuda_mps is true but the MPS daemon did not start" in srv.output()
+    assert "fake mps: cannot open the GPU" in srv.output() and "Traceback" not in srv.output()
+    assert not (tmp_path / "tasks" / "workers" / "w1.json").exists()
+
+
+@needs_shared
+def test_a_daemon_that_dies_while_serving_is_reported_and_the_pool_carries_on(tmp_path, tiny_models, fake):
+    _, record = fake
+    td = tmp_path / "tasks"
+    srv = Server(_pool(tmp_path, tiny_models, devices=["cuda:0"], start_method="spawn"), workers=1)
+    try:
+        wait_until(lambda: _supervisor_state(td).get("cuda_mps", {}).get("state") == "on", 60, "MPS on")
+        os.kill(events(record)[0]["pid"], signal.SIGKILL)
+        wait_until(lambda: _supervisor_state(td)["cuda_mps"]["state"] == "died", 30, "the death noticed")
+        assert srv.proc.poll() is None  # the pool carries on
+        assert srv.terminate() == 0, srv.output()[-3000:]
+    finally:
+        srv.kill_group()
+    assert "CUDA MPS daemon (pid" in srv.output() and "exited unexpectedly" in srv.output()
+    assert [e["event"] for e in events(record)] == ["daemon"]  # no quit sent to a dead daemon
