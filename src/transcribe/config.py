@@ -117,6 +117,11 @@ class PoolConfig(_Section):
     respawn_backoff_max: float = Field(default=30.0, gt=0)
     max_sidecar_bytes: int = Field(default=64 * 1024, gt=0)
     umask: int = Field(default=0o027, ge=0, le=0o777)
+    # CUDA MPS (core/pool/cuda_mps.py): workers sharing a GPU run their kernels concurrently instead of
+    # time-slicing it. auto: a private MPS daemon when a worker is planned on CUDA and
+    # nvidia-cuda-mps-control is on PATH (an MPS daemon already running is used instead); true: the
+    # same, but a missing or failing daemon stops the pool; false: never.
+    cuda_mps: bool | Literal["auto"] = "auto"
 
 
     @field_validator("workers", mode="before")
