@@ -28,17 +28,10 @@ def vad(tiny_models):
 
 @contextlib.contextmanager
 def fast(enabled: bool) -> Iterator[None]:
-    """Run the block with fast_vad installed or not; leave the process as it was."""
-    was = fast_vad.installed()
-    if enabled:
-        assert fast_vad.install(version("funasr"))
-    else:
-        fast_vad.uninstall()
-    assert fast_vad.installed() is enabled
-    try:
+    """fast_vad installed or not for the block, and checked."""
+    with fast_vad.switched(enabled):
+        assert fast_vad.installed() is enabled
         yield
-    finally:
-        fast_vad.install(version("funasr")) if was else fast_vad.uninstall()
 
 
 def host_reads(model: Any) -> list[int]:

@@ -19,9 +19,11 @@ against FunASR as shipped.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
-from typing import Any
+from importlib.metadata import version
+from typing import Any, Iterator
 
 from loguru import logger
 
@@ -158,3 +160,23 @@ def installed() -> bool:
     """Whether ``FsmnVADStreaming`` runs the host-score methods now."""
     cls = _vad_module().FsmnVADStreaming
     return all(cls.__dict__.get(name) is fast for name, fast in FAST.items())
+
+
+@contextlib.contextmanager
+def switched(enabled: bool) -> Iterator[None]:
+    """The block runs with the fast methods installed or FunASR's own; the process is left as it was.
+
+    For tests and benchmarks that compare both sides in one process (the methods are process-wide).
+    """
+    was = installed()
+    if enabled:
+        install(version("funasr"))
+    else:
+        uninstall()
+    try:
+        yield
+    finally:
+        if was:
+            install(version("funasr"))
+        else:
+            uninstall()
