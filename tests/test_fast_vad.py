@@ -7,6 +7,7 @@ and every comparison asserts which side actually ran.
 from __future__ import annotations
 
 import contextlib
+import io
 from importlib.metadata import version
 from typing import Any, Iterator
 
@@ -48,16 +49,19 @@ def host_reads(model: Any) -> list[int]:
 
 
 def both(model: Any, audio: Any, **kwargs: Any) -> tuple[list, list]:
-    """(FunASR as shipped, fast_vad) segment lists of one offline VAD call; checks the fast path ran."""
-    with fast(False):
+    """(FunASR as shipped, fast_vad) segment lists of one offline VAD call; checks the fast path ran
+    and that both printed the same (FunASR prints its buffer warnings to stdout)."""
+    printed = io.StringIO(), io.StringIO()
+    with fast(False), contextlib.redirect_stdout(printed[0]):
         shipped = model.generate(input=audio, **kwargs)[0]["value"]
     hits = host_reads(model)
     try:
-        with fast(True):
+        with fast(True), contextlib.redirect_stdout(printed[1]):
             patched = model.generate(input=audio, **kwargs)[0]["value"]
     finally:
         del model.model.GetFrameState
     assert hits[0] > 0, "the host-score path did not run"
+    assert printed[0].getvalue() == printed[1].getvalue()
     return shipped, patched
 
 
