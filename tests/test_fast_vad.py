@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterator
 from importlib.metadata import version
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_segments_equal_funasr_as_shipped(vad, name):
 
 def test_long_recording_with_max_segment_splits(vad):
     """3.5 minutes of tiled podcast: several 60 s chunks, dropped frames, and max_single_segment_time cuts."""
-    audio = np.tile(read("podcast_2speakers_60s.wav"), 4)[: int(210 * 16000)]
+    audio = np.tile(read("podcast_2speakers_60s.wav"), 4)[: (210 * 16000)]
     shipped, patched = both(vad, audio)
     assert patched == shipped
     max_ms = vad.model.vad_opts.max_single_segment_time

@@ -13,8 +13,11 @@ list; everything else it computes (``math.log``/``math.exp`` on Python floats, t
 tests, the noise average) is FunASR's code, line for line, so every frame decision is the same.
 The copy follows ``stats.scores`` through ``DropCachedFrames`` (it keeps exactly as many trailing
 frames), and wherever it cannot be kept in step (a batch of more than one, a length mismatch),
-``GetFrameState`` falls back to FunASR's own method. `tests/test_fast_vad.py` checks segment lists
-against FunASR as shipped.
+``GetFrameState`` falls back to FunASR's own method. ``PopDataToOutputBuf`` (once per speech frame)
+reads its buffer's length once instead of up to three Python-level ``Tensor.__len__`` calls.
+`tests/test_fast_vad.py` checks segment lists and printed warnings against FunASR as shipped.
+
+What remains per frame is FunASR's own state machine (``DetectOneFrame``, ``WindowDetector``), unchanged.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+from collections.abc import Iterator
 from importlib.metadata import version
-from typing import Any, Iterator
+from typing import Any
 
 from loguru import logger
 
-VERIFIED_FUNASR = ("1.4.",)  # the GetFrameState/ComputeScores/DropCachedFrames read here are 1.4's
+VERIFIED_FUNASR = ("1.4.",)  # the methods in FAST follow 1.4's, statement for statement
 MODULE = "funasr.models.fsmn_vad_streaming.model"
 NAME = "fast_vad"
 HOST_SCORES = "_fast_vad_silence_scores"  # the Stats attribute holding the host copy (list of floats)
