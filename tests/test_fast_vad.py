@@ -113,7 +113,10 @@ def test_several_silence_pdfs(vad):
 
 
 def streamed(model: Any, audio: np.ndarray, chunk_ms: int, switch_at: int | None = None) -> list:
-    """FunASR's streaming use: chunks with one cache, is_final on the last; optionally patch mid-stream."""
+    """FunASR's streaming use: chunks with one cache, is_final on the last; optionally patch mid-stream.
+
+    Per chunk: the segment events and, when ``output_frame_probs`` is on, the frame probabilities
+    FunASR's ``GetFrameState`` recorded so far (noise/speech log-probabilities, score, frame id)."""
     step = chunk_ms * 16
     starts = range(0, len(audio), step)
     cache: dict = {}
@@ -123,12 +126,14 @@ def streamed(model: Any, audio: np.ndarray, chunk_ms: int, switch_at: int | None
             fast_vad.install(version("funasr"))
         res = model.generate(input=audio[start:start + step], cache=cache, is_final=i == len(starts) - 1,
                              chunk_size=chunk_ms)
-        out.append(res[0]["value"])
+        probs = [(p.noise_prob, p.speech_prob, p.score, p.frame_id) for p in cache["stats"].frame_probs]
+        out.append((res[0]["value"], probs))
     return out
 
 
-@pytest.mark.parametrize("chunk_ms", [200, 600])
-def test_streaming_chunks(vad, chunk_ms):
+@pytest.mark.parametrize("chunk_ms, frame_probs", [(200, True), (600, False)])
+def test_streaming_chunks(vad, chunk_ms, frame_probs, monkeypatch):
+    monkeypatch.setattr(vad.model.vad_opts, "output_frame_probs", frame_probs)
     audio = read("espeak_zh_en_30s.wav")[: 20 * 16000]
     with fast(False):
         shipped = streamed(vad, audio, chunk_ms)
@@ -142,7 +147,18 @@ def test_streaming_chunks(vad, chunk_ms):
     with fast(False):
         switched = streamed(vad, audio, chunk_ms, switch_at=7)  # a cache begun by FunASR's own methods
     assert patched == shipped and switched == shipped
-    assert sum(len(v) for v in shipped) >= 2
+    assert sum(len(events) for events, _ in shipped) >= 2
+    assert any(probs for _, probs in shipped) is frame_probs
+
+
+def test_transcriber_without_fast_vad(tiny_models, tmp_path):
+    from tests.conftest import model_config
+    from transcribe.config import config_from_dict
+    from transcribe.core.engine.funasr_transcriber import Transcriber
+
+    with fast_vad.switched(False):
+        t = Transcriber(config_from_dict(model_config(tiny_models, fast_vad=False), tmp_path))
+        assert not fast_vad.installed() and not any(p.startswith("fast_vad") for p in t.patches)
 
 
 def test_host_scores_are_the_floats_item_gives():
