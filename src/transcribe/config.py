@@ -60,6 +60,9 @@ class FunasrConfig(_Section):
     fast_diarization: bool = True
     # Bit-exact CPU scans for the SeACo/BiCif Paraformer CIF loops (src/transcribe/core/fast_cif.py).
     fast_cif: bool = True
+    # fsmn-vad's frame loop reads a host copy of each chunk's scores, not one GPU tensor item per 10 ms
+    # frame (src/transcribe/core/engine/fast_vad.py; same segments).
+    fast_vad: bool = True
     # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
     # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
     # Both bound GPU memory whatever the job's length (an ASR batch: this plus one segment, FunASR's rule).

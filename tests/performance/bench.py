@@ -123,9 +123,10 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     gen = build_generate_kwargs(cfg, speakers=2)
     rows, parity = [], {}
 
-    from transcribe.core.engine import fast_cif
+    from transcribe.core.engine import fast_cif, fast_vad
 
     fast_cif.uninstall()  # (a) is FunASR as shipped, whatever ran before in this process
+    fast_vad.uninstall()
     t0 = time.perf_counter()
     bare = AutoModel(model=str(models["asr"]), vad_model=str(models["vad"]), punc_model=str(models["punc"]),
                      spk_model=str(models["spk"]), device=device, ncpu=args.ncpu, disable_update=True,

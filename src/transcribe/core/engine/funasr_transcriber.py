@@ -153,6 +153,10 @@ class Transcriber:
             from transcribe.core.engine import fast_cif
 
             self.patches += [f"fast_cif.{name}" for name in fast_cif.install(version("funasr"))]
+        if config.funasr.fast_vad:
+            from transcribe.core.engine import fast_vad
+
+            self.patches += fast_vad.install(version("funasr"))
         self.refs = model_store.resolve_models(config.funasr, config.base_dir)
         model_store.check_remote_refs(self.refs, check_network)
         self.models = {ref.role: ref.load_arg for ref in self.refs.values()}
