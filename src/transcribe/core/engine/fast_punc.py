@@ -25,13 +25,15 @@ mixed texts, and tests/test_parity.py whole transcripts.
 
 Then the sentence building: ``timestamp_sentence`` and ``timestamp_sentence_en`` iterate ``punc_array``
 (``Tensor.__iter__``, one 0-d tensor per token) and ``int()`` each element: a sync per token on a GPU
-(FunASR's own array lives there), ~1 us per token on the host. Their names in ``funasr.auto.auto_model`` are
-wrapped to hand them ``punc_array.tolist()`` instead (one transfer): ``int()`` of a Python int is the
-same number, ``len`` the same length, so the same sentences. And the speaker assignment:
-``distribute_spk`` (funasr/models/campplus/utils.py) compares every sentence with every speaker turn
-(2,650 sentences x 60 turns for the tiny models' 10-minute tile: 60 ms on the 2-core CPU); the turns come sorted (FunASR's
-``postprocess`` output is chronological), so `overlapping_turns_only` visits, for each sentence, only
-the turns that can overlap it (found by bisection) in FunASR's order with FunASR's loop body: a turn
+(FunASR's own array lives there), ~1 us per token on the host. Their names in
+``funasr.auto.auto_model`` are wrapped to hand them ``punc_array.tolist()`` instead (one transfer):
+``int()`` of a Python int is the same number, ``len`` the same length, so the same sentences. And the
+speaker assignment: ``distribute_spk`` (funasr/models/campplus/utils.py) compares every sentence with
+every speaker turn (2,650 sentences x 60 turns for the tiny models' 10-minute tile: 60 ms on the 2-core
+CPU). The turns come sorted (FunASR's ``postprocess`` output is chronological), so
+`overlapping_turns_only` (a short replacement: restricting the turns means running the loop itself)
+visits, for each sentence, only the turns that can overlap it (found by bisection), in FunASR's order
+and with FunASR's loop body, copied: a turn
 ending at or before the sentence's start, or starting at or after its end, has an overlap <= 0 and
 changes nothing in FunASR's loop. Unsorted turns run FunASR's own function. These wraps are
 process-wide (module names in ``funasr.auto.auto_model``), like `fast_cif`; `funasr_own` restores
