@@ -190,6 +190,7 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
 
     at = AsyncTranscriber(tr)
     loop = asyncio.new_event_loop()
+    loop.run_until_complete(lock_mode(audio[0][1]))  # warm-up, as (a) and (b) had: the model thread's first call
     for label, path, seconds in audio:
         wall, _ = median_time(lambda: loop.run_until_complete(lock_mode(path)), args.repeats)
         rows.append({"mode": "(c) lock mode", "audio": label, "wall_s": round(wall, 3),
