@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import AUDIO, model_config, needs_shared, shared_audio, write_config
 from tests.support.pool_helpers import (
     Server,
+    archived_record,
     assert_exactly_once,
     drop_file,
     failed,
@@ -169,8 +170,7 @@ def test_killed_worker_job_is_requeued_and_done_once(tmp_path, tiny_models):
         assert r["duration"] == pytest.approx(180, abs=0.1)
         wait_until(lambda: workers_status(td)[victim["worker_id"]]["pid"] != victim["pid"]
                    and ready_workers(td, 2), BOOT, "the worker respawned")
-        job_dir = next(p for p in (td / "done").iterdir() if p.is_dir())
-        record = json.loads((job_dir / "job.json").read_text())
+        record = archived_record(td, "long.wav")
         assert record["attempts"] == 2 and record["history"][0]["reason"] == "worker_died"
         assert srv.terminate() == 0
     finally:
