@@ -256,6 +256,24 @@ def test_submit_wait_without_a_server_says_so(tmp_path):
     assert "timed out" in out.stderr and out.stderr.count("no server is serving") == 1
 
 
+def test_submit_wait_reports_a_failed_job_whose_error_json_is_unreadable(tmp_path, capsys):
+    """A truncated or hand-edited error.json must not end `submit --wait` in a traceback."""
+    from transcribe.core.pool.task_dir import TaskDir
+
+    td = TaskDir(tmp_path / "tasks").ensure()
+    for job_id, content in (("j-trunc", '{"reason": "audio_undec'), ("j-list", "[1, 2]"), ("j-bytes", b"\xff\xfe")):
+        (td.failed / job_id).mkdir()
+        path = td.failed / job_id / "error.json"
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    (td.failed / "j-ok").mkdir()
+    (td.failed / "j-ok" / "error.json").write_text('{"reason": "audio_undecodable", "message": "not audio"}')
+    assert cli._wait_for(td, ["j-trunc", "j-list", "j-bytes", "j-ok"], timeout=5) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [f"failed {j}: unknown: no readable error.json in {td.failed / j}"
+                       for j in ("j-trunc", "j-list", "j-bytes")]
+    assert out[3] == "failed j-ok: audio_undecodable: not audio"
+
+
 # ------------------------------------------------------------------ 8: status
 def test_status_sees_a_lock_mode_server_and_hides_gone_workers(tmp_path, tiny_models):
     data = model_config(tiny_models)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -145,6 +146,24 @@ def test_verbose_json_has_speakers_duration_and_timings(live, expected):
     extra = resp.model_extra
     assert extra["speakers"] == stored.speakers and sorted({g[3] for g in got}) == ["Speaker1", "Speaker2"]
     assert {"vad", "asr", "spk"} <= set(extra["timings"]) and extra["rtf"] > 0 and extra["job_id"] == job_id
+
+
+def test_word_timestamps_through_the_openai_client(live):
+    """timestamp_granularities=["word"] (the openai client's own argument) gives verbose_json `words`: every
+    token of the text with its time, inside its segment, as the worker committed them."""
+    with open(shared_audio(SHORT), "rb") as f:
+        raw = live.openai().audio.transcriptions.with_raw_response.create(
+            model="paraformer-zh", file=f, response_format="verbose_json", timestamp_granularities=["word"])
+    resp, job_id = raw.parse(), raw.headers["x-transcribe-job-id"]
+    stored = stored_result(live, job_id)
+    assert resp.words and all(s.words for s in stored.segments)
+    assert [(w.word, w.start, w.end) for w in resp.words] == \
+        [(w.text, w.start, w.end) for s in stored.segments for w in s.words]
+    def letters(text: str) -> str:  # words are tokens: the text less its punctuation and spaces
+        return "".join(c for c in text if not c.isspace() and not unicodedata.category(c).startswith("P"))
+
+    assert letters("".join(w.word for w in resp.words)) == letters(resp.text) != ""
+    assert all(a.start <= a.end <= b.start + 1e-6 for a, b in zip(resp.words, resp.words[1:]))
 
 
 @pytest.mark.parametrize("fmt", ["srt", "vtt"])

@@ -101,6 +101,10 @@ def test_fields_map_to_job_options():
     assert (options.min_speakers, options.max_speakers) == (2, 4)
     options, _ = parse_fields({"diarize": ["false"]})
     assert options.diarize is False
+    options, _ = parse_fields({"timestamp_granularities[]": ["word", "segment"], "response_format": ["verbose_json"]})
+    assert options.word_timestamps is True
+    options, _ = parse_fields({"timestamp_granularities[]": ["segment"], "response_format": ["verbose_json"]})
+    assert options.word_timestamps is None  # the server's output.word_timestamps decides
 
 
 @pytest.mark.parametrize("fields, param, code", [
@@ -111,7 +115,9 @@ def test_fields_map_to_job_options():
     ({"speakers": ["2"], "min_speakers": ["2"]}, "speakers", "invalid_value"),
     ({"prompt": ["x" * 101]}, "prompt", "invalid_value"),
     ({"stream": ["true"]}, "stream", "unsupported_parameter"),
-    ({"timestamp_granularities[]": ["word"]}, "timestamp_granularities", "unsupported_parameter"),
+    ({"timestamp_granularities[]": ["word"]}, "timestamp_granularities", "invalid_value"),  # not verbose_json
+    ({"timestamp_granularities[]": ["char"], "response_format": ["verbose_json"]}, "timestamp_granularities",
+     "invalid_value"),
     ({"file_name": ["a"]}, "file_name", "unknown_parameter")])
 def test_bad_fields_name_the_field(fields, param, code):
     with pytest.raises(ApiError) as e:
@@ -150,6 +156,18 @@ def test_job_options_and_a_safe_name_reach_the_inbox(app_for, tmp_path):
     r = client.get(f"/v1/jobs/{job_id}/result", params={"format": "srt"})
     assert r.status_code == 409 and error(r)["code"] == "job_not_finished"
     assert error(client.get(f"/v1/jobs/{job_id}/result", params={"format": "docx"}))["param"] == "format"
+
+
+def test_a_full_disk_during_the_upload_answers_507_and_leaves_nothing_behind(app_for, monkeypatch):
+    client = app_for()
+    monkeypatch.setenv("TRANSCRIBE_ENOSPC_AT", "upload.write")
+    r = client.post("/v1/jobs", files={"file": ("meeting.wav", wav_bytes(), "audio/wav")})
+    body = error(r)
+    assert r.status_code == 507 and body["code"] == "insufficient_storage" and r.headers["retry-after"] == "60"
+    assert "disk is full" in body["message"] and str(client.td.root) in body["message"]
+    assert list(client.td.tmp.iterdir()) == [] and list(client.td.inbox.iterdir()) == []
+    monkeypatch.delenv("TRANSCRIBE_ENOSPC_AT")
+    assert client.post("/v1/jobs", files={"file": ("meeting.wav", wav_bytes(), "audio/wav")}).status_code == 202
 
 
 def test_full_queue_answers_503_with_retry_after(app_for):

@@ -3,7 +3,8 @@
 Mapping (docs/lock-mode.md): start/end ms -> seconds (ms / 1000), clamped to the audio's duration
 (FunASR's timestamps can overshoot the end by a frame); FunASR's numeric `spk` ->
 "Speaker1".. in order of first appearance; text unchanged. Fast diarization (batched CAM++
-windows) is on in `transcriber` and must not change a label.
+windows) is on in `transcriber` and must not change a label. Bare FunASR runs as shipped: the fast
+VAD frame loop (process-wide on FunASR's class) is uninstalled for its calls.
 """
 
 import pytest
@@ -11,6 +12,7 @@ import soundfile as sf
 from funasr import AutoModel
 
 from tests.conftest import shared_audio
+from transcribe.core.engine import fast_punc, fast_vad
 from transcribe.core.engine.funasr_transcriber import build_generate_kwargs
 from transcribe.core.engine.result import speaker_label_map
 
@@ -24,7 +26,9 @@ def bare(tiny_models):
 
 def expected_segments(bare_model, cfg, path, **options):
     duration = round(sf.info(str(path)).frames / 16000, 3)
-    out = bare_model.generate(input=str(path), **build_generate_kwargs(cfg, **options))
+    # FunASR as shipped: fast_vad and fast_punc's sentence/speaker wraps are process-wide.
+    with fast_vad.switched(False), fast_punc.funasr_own(None):
+        out = bare_model.generate(input=str(path), **build_generate_kwargs(cfg, **options))
     if not out or "sentence_info" not in out[0]:
         return []
     info = out[0]["sentence_info"]
@@ -36,7 +40,8 @@ def expected_segments(bare_model, cfg, path, **options):
 @pytest.mark.parametrize("name, speakers", [("podcast_2speakers_60s.wav", 2), ("espeak_zh_en_30s.wav", 2),
                                             ("tts_1speaker_5s.wav", None), ("silence_5s.wav", None)])
 def test_segments_equal_bare_funasr(transcriber, bare, name, speakers):
-    assert transcriber.fast_diarization  # the fast path is what is compared
+    assert transcriber.fast_diarization  # the fast paths are what is compared
+    assert "fast_vad.GetFrameState" in transcriber.patches and fast_vad.installed()
     path = shared_audio(name)
     expected = expected_segments(bare, transcriber.config, path, speakers=speakers)
     got = [(s.start, s.end, s.text, s.speaker) for s in transcriber.transcribe(path, speakers=speakers).segments]

@@ -445,8 +445,9 @@ def _wait_for(td: Any, ids: list[str], timeout: float | None) -> int:
                 print(f"done {job_id}: {where[1]}")
                 pending.remove(job_id)
             elif where and where[0] == "failed":
-                err = json.loads((where[1] / "error.json").read_text(encoding="utf-8"))
-                print(f"failed {job_id}: {err.get('reason')}: {err.get('message')}")
+                err = td.failure_info(job_id)
+                print(f"failed {job_id}: {err.get('reason') or 'unknown'}: "
+                      f"{err.get('message') or f'no readable error.json in {where[1]}'}")
                 pending.remove(job_id)
                 failed += 1
         if pending and deadline is not None and time.time() > deadline:

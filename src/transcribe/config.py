@@ -60,6 +60,12 @@ class FunasrConfig(_Section):
     fast_diarization: bool = True
     # Bit-exact CPU scans for the SeACo/BiCif Paraformer CIF loops (src/transcribe/core/fast_cif.py).
     fast_cif: bool = True
+    # ct-punc with one device-to-host transfer per mini-sentence, not one per token, and FunASR's sentence
+    # building and speaker assignment without per-token reads or sentence x turn scans (core/engine/fast_punc.py).
+    fast_punc: bool = True
+    # fsmn-vad's frame loop reads a host copy of each chunk's scores, not one GPU tensor item per 10 ms
+    # frame (src/transcribe/core/engine/fast_vad.py; same segments).
+    fast_vad: bool = True
     # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
     # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
     # Both bound GPU memory whatever the job's length (an ASR batch: this plus one segment, FunASR's rule).
@@ -117,6 +123,11 @@ class PoolConfig(_Section):
     respawn_backoff_max: float = Field(default=30.0, gt=0)
     max_sidecar_bytes: int = Field(default=64 * 1024, gt=0)
     umask: int = Field(default=0o027, ge=0, le=0o777)
+    # CUDA MPS (core/pool/cuda_mps.py): workers sharing a GPU run their kernels concurrently instead of
+    # time-slicing it. auto: a private MPS daemon when a worker is planned on CUDA and
+    # nvidia-cuda-mps-control is on PATH (an MPS daemon already running is used instead); true: the
+    # same, but a missing or failing daemon stops the pool; false: never.
+    cuda_mps: bool | Literal["auto"] = "auto"
 
 
     @field_validator("workers", mode="before")

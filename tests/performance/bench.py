@@ -123,9 +123,11 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     gen = build_generate_kwargs(cfg, speakers=2)
     rows, parity = [], {}
 
-    from transcribe.core.engine import fast_cif
+    from transcribe.core.engine import fast_cif, fast_punc, fast_vad
 
     fast_cif.uninstall()  # (a) is FunASR as shipped, whatever ran before in this process
+    fast_vad.uninstall()
+    fast_punc.uninstall_assembly()
     t0 = time.perf_counter()
     bare = AutoModel(model=str(models["asr"]), vad_model=str(models["vad"]), punc_model=str(models["punc"]),
                      spk_model=str(models["spk"]), device=device, ncpu=args.ncpu, disable_update=True,
@@ -281,8 +283,10 @@ def time_job_set(root: Path, mode: str, engines: int, jobs: list, env: dict | No
 def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict, out: Path) -> None:
     jobs = job_set(audio, args.pool_jobs)
     audio_total = sum(j[2] for j in jobs)
-    for n, batch in [(n, 1) for n in args.pool_workers] + args.engine_pool:
-        root = out / f"pool-{n}x{batch}"
+    shapes = [(n, 1) for n in args.pool_workers] + args.engine_pool
+    for (n, batch), mps in [(shape, mps) for mps in (args.cuda_mps.split(",") if args.cuda_mps else [""])
+                            for shape in shapes]:
+        root = out / f"pool-{n}x{batch}{f'-mps-{mps}' if mps else ''}"
         root.mkdir(parents=True, exist_ok=True)
         cfg = {"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                           "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
@@ -291,9 +295,12 @@ def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, rep
                "pool": {"task_dir": "tasks", "workers": n, "heartbeat_timeout": 300, "keep_audio": True,
                         "settle_seconds": 1.0, "batch_jobs": batch},
                "output": {"formats": ["json"]}, "logging": {"dir": "logs"}}
+        if mps:
+            cfg["pool"]["cuda_mps"] = {"true": True, "false": False}.get(mps, mps)
         (root / "config.json").write_text(json.dumps(cfg))
         ready, wall, statuses = time_job_set(root, "pool", n, jobs)
         mode = f"(d) pool x{n}" if batch == 1 else f"(g) engine pool x{n}, {batch} jobs per batch"
+        mode += f", cuda_mps {mps}" if mps else ""
         row = {"mode": mode, "audio": f"{len(jobs)} jobs, {audio_total / 60:.0f} min", "wall_s": round(wall, 3),
                "x_realtime": round(audio_total / wall, 1), "ready_s": round(ready, 2),
                "worker_ready_s": sorted(s.get("ready_after_s") for s in statuses),
@@ -352,6 +359,7 @@ def main() -> None:
     ap.add_argument("--pool-jobs", type=int, default=6)
     ap.add_argument("--engine-jobs", default="4", help="(f): jobs batched together in one engine call, e.g. 4,8")
     ap.add_argument("--engine-batch-s", type=int, default=300, help="funasr.engine_batch_s for (f) and (g)")
+    ap.add_argument("--cuda-mps", default="", help="pool.cuda_mps values to time every pool row with, e.g. false,auto")
     ap.add_argument("--engine-pool", default="", help="(g): pools of batching workers as WORKERS:BATCH_JOBS, e.g. 1:8,2:4")
     ap.add_argument("--skip-single", action="store_true", help="only the pool rows (no bare/Transcriber/lock)")
     ap.add_argument("--vad-cpu", action="store_true", help="also time the Transcriber with fsmn-vad on the cpu")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from transcribe import __version__
 from transcribe.config import Config
 from transcribe.core.engine import model_store
-from transcribe.core.errors import TranscribeError
+from transcribe.core.errors import ConfigError, TranscribeError
 
 
 @dataclass
@@ -46,6 +46,19 @@ def _writable(path: Path) -> tuple[bool, str]:
         return False, f"{path}: {e.strerror} (fix the permissions or point the config elsewhere)"
 
 
+def _mps_check(cfg: Config) -> Check:
+    """What `serve --mode pool` would do about CUDA MPS on this machine (pool.cuda_mps; docs/operations.md)."""
+    from transcribe.core.pool.cuda_mps import decide
+
+    try:
+        plan = decide(cfg.pool.cuda_mps, True)
+    except ConfigError as e:
+        return Check("cuda mps", False, e.message)
+    state = {"start": "on: a private daemon", "external": "on: the running daemon", "off": "off"}[plan.action]
+    return Check("cuda mps", plan.action != "off" or cfg.pool.cuda_mps is False, f"{state} ({plan.reason})",
+                 fatal=False)
+
+
 def run_checks(cfg: Config, reachable: Callable[[str], bool] = model_store.hub_reachable) -> dict[str, Any]:
     import torch
 
@@ -70,6 +83,9 @@ def run_checks(cfg: Config, reachable: Callable[[str], bool] = model_store.hub_r
         checks.append(Check("device", True, f"{choice.device} {choice.dtype}: {choice.reason}"))
     except TranscribeError as e:
         checks.append(Check("device", False, e.message))
+
+    if cuda:
+        checks.append(_mps_check(cfg))
 
     models = {}
     for key, name in ((k, getattr(cfg.funasr, k)) for k in model_store.MODEL_ROLES):

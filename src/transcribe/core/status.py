@@ -15,6 +15,11 @@ from transcribe.core.pool.heartbeat import pid_alive
 from transcribe.core.pool.task_dir import TaskDir
 
 
+# supervisor.json's cuda_mps.state (core/pool/supervisor.py) in words
+MPS_SHOWN = {"on": "on", "external": "on, a daemon this pool did not start", "off": "off",
+             "died": "off, the daemon exited while serving", "stopped": "stopped"}
+
+
 def server_lock_held(root: Path) -> int | None:
     """The pid of the server holding ``<task_dir>/server.lock`` (pool, lock or ray mode), or None.
 
@@ -105,6 +110,11 @@ def print_status(info: dict[str, Any]) -> None:
           else "not running")
     console.print(f"task dir {info['task_dir']}", overflow="fold", markup=False)
     console.print(f"server {up}", markup=False)
+    mps = server.get("cuda_mps") if server.get("alive") else None
+    if isinstance(mps, dict) and mps.get("cuda") and mps.get("state") in MPS_SHOWN:  # said only on CUDA pools
+        where = f", pipe dir {mps['pipe_dir']}" if mps.get("pipe_dir") else ""
+        console.print(f"CUDA MPS: {MPS_SHOWN[mps['state']]}{where} ({mps.get('reason')})", overflow="fold",
+                      markup=False)
     console.print(f"jobs: inbox {c['inbox']}  processing {c['processing']}  done {c['done']}  failed {c['failed']}"
                   + (f"  (oldest waiting {info['oldest_waiting_s']}s)" if info["oldest_waiting_s"] else ""))
     if info["workers"]:

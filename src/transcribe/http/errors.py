@@ -11,7 +11,8 @@ from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               409: "conflict_error", 413: "invalid_request_error", 503: "overloaded_error", 504: "timeout_error"}
+               409: "conflict_error", 413: "invalid_request_error", 503: "overloaded_error", 504: "timeout_error",
+               507: "insufficient_storage_error"}
 
 
 class ApiError(Exception):

@@ -1,7 +1,7 @@
 """The form fields of a transcription request -> validated `JobOptions` + what the response needs.
 
 OpenAI's fields are accepted (`model`, `language`, `prompt`, `response_format`, `temperature`,
-`timestamp_granularities[]`); `prompt` becomes hotwords when `hotwords` is not given. The extensions
+`timestamp_granularities[]`: `word` turns on word timestamps); `prompt` becomes hotwords when `hotwords` is not given. The extensions
 `speakers`, `min_speakers`, `max_speakers`, `diarize`, `hotwords`, `priority` go to `JobOptions` by those names,
 so a JobOptions field added later flows through unchanged. Anything else is a 400 naming the field.
 """
@@ -17,6 +17,7 @@ from transcribe.core.pool.jobs import JobOptions
 from transcribe.http.errors import ApiError
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("segment", "word")
 OPTION_FIELDS = ("speakers", "min_speakers", "max_speakers", "diarize", "priority")
 IGNORED_FIELDS = ("model", "temperature")  # accepted for compatibility: the configured models answer
 KNOWN_FIELDS = (*OPTION_FIELDS, *IGNORED_FIELDS, "response_format", "language", "prompt", "hotwords", "stream",
@@ -58,9 +59,14 @@ def parse_fields(fields: dict[str, list[str]]) -> tuple[JobOptions, Transcriptio
         raise ApiError(400, "streaming responses are not supported: leave `stream` unset", param="stream",
                        code="unsupported_parameter")
     granularities = _words(fields.get("timestamp_granularities[]", []) + fields.get("timestamp_granularities", []))
-    if any(g != "segment" for g in granularities):
-        raise ApiError(400, "only segment timestamps are available (timestamp_granularities=segment)",
-                       param="timestamp_granularities", code="unsupported_parameter")
+    unknown_granularity = next((g for g in granularities if g not in GRANULARITIES), None)
+    if unknown_granularity is not None:
+        raise ApiError(400, f"timestamp_granularities {unknown_granularity!r} is not one of "
+                       f"{', '.join(GRANULARITIES)}", param="timestamp_granularities", code="invalid_value")
+    if "word" in granularities and fmt != "verbose_json":
+        # as OpenAI's API: word timestamps come back only in verbose_json
+        raise ApiError(400, "timestamp_granularities=word needs response_format=verbose_json",
+                       param="timestamp_granularities", code="invalid_value")
     for name in IGNORED_FIELDS:
         _one(fields, name)
     language = _one(fields, "language") or None
@@ -73,6 +79,8 @@ def parse_fields(fields: dict[str, list[str]]) -> tuple[JobOptions, Transcriptio
     hotwords = _words(fields.get(hotword_source, []))
     if hotwords:
         raw["hotwords"] = hotwords
+    if "word" in granularities:
+        raw["word_timestamps"] = True
     try:
         options = JobOptions.model_validate(raw)
     except ValidationError as e:

@@ -68,7 +68,7 @@ def job_state(td: TaskDir, job_id: str) -> dict[str, Any]:
             return {**info, "source": result.get("source"), "duration": result.get("duration"),
                     "rtf": result.get("rtf"), "speakers": result.get("speakers")}
         if state == "failed":
-            error = _read_json(path / ERROR_FILE)
+            error = td.failure_info(job_id)
             return {**info, "attempts": error.get("attempts"), "error": {
                 k: error.get(k) for k in ("reason", "error_type", "message", "retryable", "last_reason")}}
         job_dir = path
@@ -106,7 +106,7 @@ async def wait_for_outcome(td: TaskDir, job_id: str, timeout: float) -> str | No
 
 def failure_error(td: TaskDir, job_id: str) -> ApiError:
     """A failed job as an error response: 400 for bad input (not retryable), 500 otherwise."""
-    error = _read_json(td.failed / job_id / ERROR_FILE)
+    error = td.failure_info(job_id)
     bad_input = error.get("retryable") is False
     reason = str(error.get("reason") or "failed")
     return ApiError(400 if bad_input else 500, f"job {job_id} failed: {error.get('message') or reason}",
@@ -114,8 +114,9 @@ def failure_error(td: TaskDir, job_id: str) -> ApiError:
 
 
 def verbose_json(result: Result, job_id: str, language: str | None) -> dict[str, Any]:
-    """OpenAI's verbose_json plus speakers and this project's timings."""
-    return {
+    """OpenAI's verbose_json plus speakers and this project's timings; `words` when the job had word
+    timestamps (`timestamp_granularities[]=word`, or word_timestamps in the job's options)."""
+    body = {
         "task": "transcribe", "language": language, "duration": result.duration, "text": result.text,
         "segments": [{"id": i, "start": s.start, "end": s.end, "text": s.text, "speaker": s.speaker}
                      for i, s in enumerate(result.segments)],
@@ -123,6 +124,10 @@ def verbose_json(result: Result, job_id: str, language: str | None) -> dict[str,
         "rtf": result.rtf, "timings": result.timings, "device": result.device, "models": result.models,
         "usage": usage(result),
     }
+    if any(s.words is not None for s in result.segments):
+        body["words"] = [{"word": w.text, "start": w.start, "end": w.end}
+                         for s in result.segments for w in (s.words or ())]
+    return body
 
 
 def usage(result: Result) -> dict[str, Any]:

@@ -10,6 +10,7 @@ does `TaskDir.staging` rename the job into inbox/; any error removes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import IO, Any, Callable, TypeVar
@@ -21,6 +22,7 @@ from python_multipart.multipart import (
 )
 from starlette.requests import ClientDisconnect, Request
 
+from transcribe.core.fault_injection import crash_point
 from transcribe.core.pool.jobs import JobOptions, safe_stem
 from transcribe.core.pool.task_dir import StagedJob, TaskDir
 from transcribe.http.errors import ApiError
@@ -147,7 +149,7 @@ class _MultipartSink:
             raise ApiError(413, f"the file is over the {self.limits.max_bytes / 2**20:g} MB upload limit "
                                 f"(http.max_upload_mb)", param="file", code="file_too_large")
         if self._out is not None:
-            self._out.write(chunk)
+            self._write(chunk)
             return
         self._data += chunk
         if len(self._data) >= SNIFF_BYTES:
@@ -157,8 +159,13 @@ class _MultipartSink:
         name = audio_name(self._filename, bytes(self._data), self.limits.allowed_extensions)
         self.staged = self.stack.enter_context(self.td.staging(name))
         self._out = self.stack.enter_context(open(self.staged.audio, "wb"))
-        self._out.write(self._data)
+        self._write(self._data)
         self._data = bytearray()
+
+    def _write(self, data: bytes | bytearray) -> None:
+        assert self._out is not None
+        crash_point("upload.write")  # the reliability tests' full disk
+        self._out.write(data)
 
     def _part_end(self) -> None:
         if not self._is_file:
@@ -213,3 +220,10 @@ async def receive_job(request: Request, td: TaskDir, limits: UploadLimits,
     except ClientDisconnect:
         raise ApiError(400, "the client disconnected before the upload finished", param="file",
                        code="upload_incomplete") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # the staged upload is gone (staging removes it); nothing reached inbox/
+        raise ApiError(507, f"the server's disk is full ({e.strerror}); retry later. Operators: free space on "
+                            f"the filesystem of {td.root}", code="insufficient_storage",
+                       headers={"Retry-After": "60"}) from None

@@ -34,7 +34,7 @@ import numpy as np
 from loguru import logger
 
 from transcribe.config import Config, as_config
-from transcribe.core.engine import model_store
+from transcribe.core.engine import fast_punc, model_store
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
 from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager, limit_cpu_threads
 from transcribe.core.engine.fallback import (
@@ -153,6 +153,10 @@ class Transcriber:
             from transcribe.core.engine import fast_cif
 
             self.patches += [f"fast_cif.{name}" for name in fast_cif.install(version("funasr"))]
+        if config.funasr.fast_vad:
+            from transcribe.core.engine import fast_vad
+
+            self.patches += fast_vad.install(version("funasr"))
         self.refs = model_store.resolve_models(config.funasr, config.base_dir)
         model_store.check_remote_refs(self.refs, check_network)
         self.models = {ref.role: ref.load_arg for ref in self.refs.values()}
@@ -167,6 +171,10 @@ class Transcriber:
         self._time_stages()
         self._autocast_encoder()
         self.fast_diarization = self._enable_fast_diarization()
+        self.fast_punc = (fast_punc.install(getattr(self.model, "punc_model", None), version("funasr"))
+                          if config.funasr.fast_punc else None)
+        if self.fast_punc is not None:
+            self.patches.append(fast_punc.NAME)
         self.clustering = cluster_bounds.install(self.model, version("funasr"))
         if self.clustering is not None:
             self.patches.append(cluster_bounds.NAME)
@@ -484,7 +492,9 @@ class AsyncTranscriber:
         self.transcriber = transcriber
         self._lock = asyncio.Lock()
         share_main_malloc_arena()  # before the model thread exists: see the function
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funasr")
+        # OpenMP's thread count is per calling thread: the model thread sets the budget for itself too
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funasr", initializer=limit_cpu_threads,
+                                            initargs=(transcriber.config.funasr.ncpu,))
 
     @classmethod
     def from_config(cls, config: Config | dict[str, Any] | str | os.PathLike[str]) -> "AsyncTranscriber":

@@ -48,6 +48,7 @@ class WorkerStatus:
     rss_mb: float = 0.0
     error: dict[str, Any] | None = None
     patches: list[str] = field(default_factory=list)
+    cuda_mps_pipe_dir: str | None = None  # the MPS daemon this process's CUDA reaches (CUDA_MPS_PIPE_DIRECTORY)
     # Ray mode: the file is kept by the driver (`pid`); the actor's own process and node are here.
     actor_pid: int | None = None
     node: str | None = None
@@ -106,13 +107,20 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
     """Linux: have the kernel send `sig` to this process when its parent exits. With the forkserver start
     method the parent is the fork server, which itself exits when the supervisor dies, so this covers
     both start methods. Returns whether it was set."""
+    setter = parent_death_signal_setter(sig)
+    return setter is not None and setter()
+
+
+def parent_death_signal_setter(sig: int) -> Callable[[], bool] | None:
+    """`set_parent_death_signal` resolved ahead (None off Linux): safe as a subprocess's ``preexec_fn``, which
+    runs between fork and exec, where loading a library could deadlock."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 class SupervisorWatch(threading.Thread):

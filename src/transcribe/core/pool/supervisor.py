@@ -16,6 +16,10 @@ failure stops the pool only after `MAX_BOOT_FAILURES` in a row.
 The supervisor never imports torch or FunASR: devices are probed in a short-lived subprocess,
 and every GPU/MPS backend is initialised only inside workers. With the forkserver start method the
 workers are children of the fork server (itself a child of the supervisor), in the same process group.
+
+CUDA MPS (`pool.cuda_mps`, cuda_mps.py): when the plan puts a worker on CUDA, the supervisor starts a
+private MPS control daemon before the first worker and puts its pipe directory in os.environ, which the
+fork server copies when it starts (at the first worker); it tells the daemon to quit after the last worker.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from transcribe.core import fault_injection
 from transcribe.core.errors import ConfigError
 from transcribe.core.fsio import now_iso, write_atomic
 from transcribe.core.metrics import PoolMetrics, worker_states
+from transcribe.core.pool.cuda_mps import MpsDaemon, MpsError, decide, private_pipe_dir
 from transcribe.core.pool.task_dir import Housekeeping, TaskDir
 from transcribe.core.pool.worker_process import (
     EXIT_BOOT_FAILED,
@@ -353,32 +358,76 @@ def probe_devices() -> list[str]:
         return ["cpu"]
 
 
-def plan_workers(cfg: Config, available: list[str], cpu_count: int | None = None) -> list[str | None]:
-    """The device of each worker (None: let the worker's own device manager choose).
+GIB = 2**30
+WORKER_MEMORY = 4 * GIB  # host memory per CUDA worker that "auto" plans for (a large-model worker: ~3.2 GB RSS)
+MAX_WORKERS_PER_GPU = 16
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """What a pool runs: each worker's device (None: its own device manager chooses), the CPU threads each
+    worker gets when the plan chose them (None: ``funasr.ncpu`` as configured), whether any worker is on CUDA."""
+
+    devices: list[str | None]
+    ncpu: int | None = None
+    cuda: bool = False
+
+
+def mem_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """The kernel's MemAvailable estimate, or None where it cannot be read (not Linux)."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def plan_pool(cfg: Config, available: list[str], cpu_count: int | None = None,
+              mem_available: Callable[[], int | None] = mem_available_bytes) -> PoolPlan:
+    """The pool's workers and their devices.
 
     - ``pool.devices`` given: one worker per entry (``pool.workers`` then only checks the count).
     - Several GPUs and a CUDA-bound config: workers are spread round-robin over cuda:0..k-1.
-    - ``pool.workers: "auto"``: 2 per GPU; else 1 on MPS; else cores // funasr.ncpu (at least 1).
+    - ``pool.workers: "auto"``: on CUDA one worker per CPU core, 2 to 16 per GPU, and no more than
+      MemAvailable // 4 GiB; each then gets cores // workers CPU threads unless ``funasr.ncpu`` is set.
+      Else 1 on MPS; else cores // funasr.ncpu (at least 1).
     """
     p, f = cfg.pool, cfg.funasr
-    if p.devices:
-        return list(p.devices)
+    cores = cpu_count or os.cpu_count() or 1
     gpus = [d for d in available if d.startswith("cuda")]
     wants_cuda = f.device.startswith("cuda") or (f.device == "auto" and f.device_priority[0] == "cuda")
+    if p.devices:
+        devices: list[str | None] = list(p.devices)
+        return PoolPlan(devices, cuda=any(d is not None and d.startswith("cuda") for d in devices))
+    ncpu = None
     if p.workers == "auto":
         if gpus and wants_cuda:
-            n = 2 * len(gpus)
+            n = max(min(cores, MAX_WORKERS_PER_GPU * len(gpus)), 2 * len(gpus))
+            mem = mem_available()
+            if mem is not None:
+                n = min(n, max(1, mem // WORKER_MEMORY))
+            if "ncpu" not in f.model_fields_set:
+                ncpu = max(1, cores // n)
         elif "mps" in available and f.device in ("auto", "mps"):
             n = 1
         else:
-            n = max(1, (cpu_count or os.cpu_count() or 1) // f.ncpu)
+            n = max(1, cores // f.ncpu)
     else:
         n = int(p.workers)
     if n < 1:
         raise ConfigError("pool.workers must be at least 1")
+    cuda = bool(gpus) and wants_cuda
     if len(gpus) > 1 and wants_cuda and f.device in ("auto", "cuda"):
-        return [gpus[i % len(gpus)] for i in range(n)]
-    return [None] * n
+        return PoolPlan([gpus[i % len(gpus)] for i in range(n)], ncpu, cuda)
+    return PoolPlan([None] * n, ncpu, cuda)
+
+
+def plan_workers(cfg: Config, available: list[str], cpu_count: int | None = None) -> list[str | None]:
+    """Each worker's device (`plan_pool`'s devices)."""
+    return plan_pool(cfg, available, cpu_count).devices
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -411,6 +460,9 @@ class Supervisor:
         self.overrides = command_line_overrides(cfg, config_path) if overrides is None else overrides
         self.td = TaskDir.from_config(cfg).ensure()
         self.configs: dict[int, Config] = {0: cfg}  # the config each generation of workers runs
+        self.worker_ncpu: dict[int, int | None] = {}  # the CPU threads each generation's plan gave its workers
+        self.mps: MpsDaemon | None = None
+        self.mps_state: dict[str, Any] = {"state": "off", "reason": "not decided yet"}
         self.core: PoolCore | None = None
         self._signals: list[int] = []
         self._lock_fd: int | None = None
@@ -438,21 +490,29 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         self.td.recover_all("supervisor_restart", "the previous supervisor stopped while the job ran",
                             keep_audio=self.cfg.pool.keep_audio)
-        devices = plan_workers(self.cfg, probe_devices() if self._needs_probe(self.cfg) else ["cpu"])
-        self.core = core = PoolCore(devices, PoolParams.from_config(self.cfg), spawn=self._spawn,
+        plan = plan_pool(self.cfg, probe_devices() if self._needs_probe(self.cfg) else ["cpu"])
+        self.worker_ncpu[0] = plan.ncpu
+        self.core = core = PoolCore(plan.devices, PoolParams.from_config(self.cfg), spawn=self._spawn,
                                     send=self._send, read_status=self._status_of)
-        logger.info("pool: {} workers on {} (task dir {})", len(core.slots),
-                    ", ".join(s.device or "auto" for s in core.slots), self.td.root)
-        core.start()
-        while not core.finished:
-            try:
-                self._turn(core)
-            except Exception as exc:  # noqa: BLE001 - the loop never dies: log, and try again next turn
-                logger.opt(exception=exc).error("supervisor turn failed: {}", exc)
-            if core.fatal and not core.stopping:
-                logger.error("pool stopping: {}", core.fatal)
-                core.begin_shutdown()
-            time.sleep(TICK)
+        logger.info("pool: {} workers on {}{} (task dir {})", len(core.slots),
+                    ", ".join(s.device or "auto" for s in core.slots),
+                    f", {plan.ncpu} CPU threads each" if plan.ncpu else "", self.td.root)
+        try:
+            self._start_mps(plan)  # before the first worker: the fork server copies os.environ when it starts
+            core.start()
+            while not core.finished:
+                try:
+                    self._turn(core)
+                except Exception as exc:  # noqa: BLE001 - the loop never dies: log, and try again next turn
+                    logger.opt(exception=exc).error("supervisor turn failed: {}", exc)
+                if core.fatal and not core.stopping:
+                    logger.error("pool stopping: {}", core.fatal)
+                    core.begin_shutdown()
+                time.sleep(TICK)
+        finally:
+            if self.mps is not None:  # after the workers: their CUDA contexts are gone
+                self.mps.stop()
+                self.mps_state["state"] = "stopped"
         self.housekeeping.tick(force=True)  # what the last workers left (a shutdown past its timeout): requeued, not counted
         self._write_status(state="stopped")
         self._metrics_due = 0.0
@@ -463,8 +523,49 @@ class Supervisor:
         logger.info("pool stopped cleanly")
         return 0
 
+    def _start_mps(self, plan: PoolPlan) -> None:
+        """Decide on CUDA MPS (`cuda_mps.decide`), start a private daemon if so, and give its pipe directory to
+        every worker through os.environ. auto: a daemon that fails to start is a warning; true: an error."""
+        setting = self.cfg.pool.cuda_mps
+        decision = decide(setting, plan.cuda)
+        self.mps_state = {"state": decision.action, "reason": decision.reason, "pipe_dir": decision.pipe_dir,
+                          "cuda": plan.cuda}
+        if decision.action != "start":
+            logger.info("CUDA MPS: {} ({})", "off" if decision.action == "off" else "using a running daemon",
+                        decision.reason)
+            return
+        assert decision.binary is not None
+        pipe_dir, temporary = private_pipe_dir(self.td.root / "cuda-mps")
+        daemon = MpsDaemon(decision.binary, pipe_dir, self.cfg.resolve_path(self.cfg.logging.dir) / "cuda-mps",
+                           temporary=temporary)
+        try:
+            daemon.start()
+        except MpsError as e:
+            daemon.stop()
+            if setting is True:
+                raise MpsError(f"pool.cuda_mps is true but the MPS daemon did not start: {e.message}; fix it or "
+                               "set pool.cuda_mps to \"auto\" (run without MPS when it cannot start)") from None
+            logger.warning("CUDA MPS: off: the daemon did not start ({}); workers time-slice the GPU", e.message)
+            self.mps_state = {"state": "off", "reason": f"the daemon did not start: {e.message}", "cuda": True}
+            return
+        self.mps = daemon
+        os.environ.update(daemon.env)
+        self.mps_state = {"state": "on", "reason": decision.reason, "pipe_dir": str(pipe_dir), "pid": daemon.pid,
+                          "cuda": True}
+        logger.info("CUDA MPS: on ({}; pipe dir {})", decision.reason, pipe_dir)
+
+    def _check_mps(self) -> None:
+        """A daemon that died while serving is reported once; it is not restarted (documented in operations.md)."""
+        if self.mps is not None and self.mps_state["state"] == "on" and not self.mps.alive():
+            code = self.mps.proc.returncode if self.mps.proc else None
+            logger.error("CUDA MPS daemon (pid {}) exited unexpectedly with code {}; not restarted: workers "
+                         "already running keep what CUDA gives them, new ones may run without MPS (see {})",
+                         self.mps.pid, code, self.mps.log_dir)
+            self.mps_state = {**self.mps_state, "state": "died", "reason": f"the daemon exited with code {code}"}
+
     def _turn(self, core: PoolCore) -> None:
         self._handle_signals(core)
+        self._check_mps()
         reaped = core.tick()
         if core.reverted:
             self.cfg = self.configs[core.generation]
@@ -513,7 +614,7 @@ class Supervisor:
 
         try:
             cfg = load_config(self.config_path, overrides=self.overrides)
-            devices = plan_workers(cfg, probe_devices() if self._needs_probe(cfg) else ["cpu"])
+            plan = plan_pool(cfg, probe_devices() if self._needs_probe(cfg) else ["cpu"])
         except ConfigError as e:
             logger.error("SIGHUP: config not reloaded: {}", e.message)
             return
@@ -522,14 +623,20 @@ class Supervisor:
             cfg.pool.task_dir = str(self.td.root)
         self.cfg = cfg
         self.td.settle_seconds, self.td.max_attempts = cfg.pool.settle_seconds, cfg.pool.max_attempts
-        core.reload(devices, PoolParams.from_config(cfg))
+        if cfg.pool.cuda_mps != self.configs[0].pool.cuda_mps:
+            logger.warning("SIGHUP: pool.cuda_mps is read at start only; MPS stays {}", self.mps_state["state"])
+        core.reload(plan.devices, PoolParams.from_config(cfg))
         self.configs[core.generation] = cfg  # kept: a reload that cannot boot reverts to an older one
+        self.worker_ncpu[core.generation] = plan.ncpu
         logger.info("SIGHUP: config reloaded; {} new workers start, then the old ones drain", len(core.slots))
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, slot: Slot) -> Any:
         cfg = self.configs.get(slot.generation, self.cfg)
-        payload = json.dumps({"config": cfg.model_dump(mode="json"), "base_dir": cfg.base_dir})
+        data = cfg.model_dump(mode="json")
+        if self.worker_ncpu.get(slot.generation):  # the plan's share of the cores (workers: auto on CUDA)
+            data["funasr"]["ncpu"] = self.worker_ncpu[slot.generation]
+        payload = json.dumps({"config": data, "base_dir": cfg.base_dir})
         proc = self._ctx.Process(target=worker_main, args=(payload, slot.worker_id, slot.device, os.getpid()),
                                  name=f"transcribe-{slot.worker_id}", daemon=False)
         proc.start()
@@ -568,6 +675,7 @@ class Supervisor:
                          "device": s.device, "restarts": s.restarts} for s in (core.slots if core else [])],
             "draining": [{"worker_id": p.worker_id, "pid": p.pid} for p in (core.legacy if core else [])],
             "restarts_total": core.restarts_total if core else 0,
+            "cuda_mps": self.mps_state,
         }
         try:
             write_atomic(self.td.root / "supervisor.json", json.dumps(info), self.td.tmp, 0o640)

@@ -921,6 +921,15 @@ class TaskDir:
                 return state, path
         return None
 
+    def failure_info(self, job_id: str) -> dict[str, Any]:
+        """failed/<id>/error.json, or {} where it is missing, truncated or not an object: a reader (submit
+        --wait, the HTTP API) says the reason is unknown rather than crash on a file someone edited."""
+        try:
+            info = json.loads((self.failed / job_id / ERROR_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
     def counts(self) -> dict[str, int]:
         """Jobs per state, from the folders alone."""
         def n(path: Path, pred: Callable[[os.DirEntry[str]], bool]) -> int:

@@ -31,6 +31,7 @@ from loguru import logger
 from transcribe.config import Config
 from transcribe.core.notify import Notifier
 from transcribe.core.pool.batch_runner import claim_batch, run_jobs
+from transcribe.core.pool.cuda_mps import PIPE_VAR
 from transcribe.core.pool.heartbeat import (
     Heartbeat,
     SupervisorWatch,
@@ -55,7 +56,7 @@ class Worker:
         self.device_override = device
         self.parent_pid = parent_pid
         self.td = TaskDir.from_config(cfg)
-        self.status = WorkerStatus(worker_id, os.getpid())
+        self.status = WorkerStatus(worker_id, os.getpid(), cuda_mps_pipe_dir=os.environ.get(PIPE_VAR))
         self.heartbeat = Heartbeat(self.td.workers / f"{worker_id}.json", self.status, cfg.pool.heartbeat_interval,
                                    self.td.tmp, cfg.pool.job_stall_timeout)
         self.stopping = False
