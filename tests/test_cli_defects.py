@@ -179,7 +179,8 @@ def test_more_speakers_than_the_audio_holds_is_a_user_error(transcriber):
 def test_a_mistyped_path_costs_no_model_load(tmp_path):
     # The default config names hub aliases (paraformer-zh...); with no network and an empty cache a
     # model load would fail with a model-hub error. The input check must come first.
-    out = cli_run("run", tmp_path / "no-such-file.wav", "-o", tmp_path, cwd=tmp_path,
+    # the path as a user types it (relative): an absolute one under a long temp dir wraps in the 80-column report
+    out = cli_run("run", "no-such-file.wav", "-o", tmp_path, cwd=tmp_path,
                   env={"MODELSCOPE_CACHE": str(tmp_path / "empty-cache")}, timeout=60)
     assert out.returncode == 1
     assert "audio file not found" in out.stderr and "no-such-file.wav" in out.stderr

@@ -25,6 +25,7 @@ import pytest
 from tests.conftest import AUDIO, model_config, needs_shared, write_config
 from tests.support.pool_helpers import (
     Server,
+    archived_record,
     assert_exactly_once,
     drop_file,
     failed,
@@ -149,11 +150,6 @@ def hold_next_job(cluster, task_dir: Path, name: str) -> dict:
     wait_until(cluster.hang_once.exists, JOB, "the job to reach generate")
     return wait_until(lambda: next((w for w in workers_status(task_dir).values()
                                     if w.get("job") and name.rsplit(".", 1)[0] in w["job"]), None), 30, "busy actor")
-
-
-def archived_record(task_dir: Path, name: str) -> dict:
-    (job_dir,) = [p for p in (task_dir / "done").iterdir() if p.is_dir() and p.name.endswith(name.rsplit(".", 1)[0])]
-    return json.loads((job_dir / "job.json").read_text())
 
 
 @needs_shared

@@ -84,7 +84,12 @@ def test_disk_full_at_result_write(pool_cfg, transcriber, monkeypatch):
     while (job := td.claim_next("w1")) is not None and len(outcomes) < 10:
         outcomes.append(run_job(td, job, transcriber.transcribe, cfg, "w1")[0])
         assert list(td.done.iterdir()) == []  # never a partial result
-    assert outcomes == ["requeued", "requeued", "failed", "failed"]
+    # each job: requeued once, then failed (max_attempts 2). Which job is claimed next after a requeue depends on
+    # when the claimer rescans the inbox (a transcription slower than its rescan interval sees the requeued
+    # job again first), so the order is timing, not the guarantee; the count per outcome and every job's
+    # record below are.
+    assert sorted(outcomes) == ["failed", "failed", "requeued", "requeued"]
+    assert len(failed(task_dir)) == 2
     for err in failed(task_dir).values():
         assert err["reason"] == "max_attempts_exceeded" and err["last_reason"] == "ENOSPC"
     monkeypatch.delenv("TRANSCRIBE_ENOSPC_AT")  # disk freed: retry works, the same worker carries on
@@ -115,8 +120,10 @@ def test_hung_worker_is_killed_and_its_job_retried(pool_cfg, tmp_path):
     assert "heartbeat" in srv.output() and "made no progress" in srv.output()
 
 
-def kill_soak(pool_cfg, n_jobs, kill_every, kill_for):
-    cfg_path, task_dir = pool_cfg(workers=3, max_attempts=5)
+def kill_soak(pool_cfg, n_jobs, kill_every, kill_for, max_kills=None, **pool):
+    """3 workers take `n_jobs`; every `kill_every` s for `kill_for` s (or until `max_kills`), a worker that
+    holds a job is SIGKILLed. Every input must end exactly once with a valid result or reason."""
+    cfg_path, task_dir = pool_cfg(workers=3, max_attempts=5, **pool)
     srv = Server(cfg_path, workers=3)
     names = []
     try:
@@ -130,7 +137,8 @@ def kill_soak(pool_cfg, n_jobs, kill_every, kill_for):
             td.submit(staged, JobOptions(speakers=2) if i % 3 == 0 else None)
             names.append(staged.name)
         rng, kills, deadline = random.Random(7), 0, time.time() + kill_for
-        while time.time() < deadline and len(results(task_dir)) + len(failed(task_dir)) < n_jobs:
+        while (time.time() < deadline and len(results(task_dir)) + len(failed(task_dir)) < n_jobs
+               and (max_kills is None or kills < max_kills)):
             time.sleep(kill_every)
             # only a worker that holds a job: its pid is in the lease of a job in processing/
             holders = [td.lease_info(p.name).get("pid") for p in (task_dir / "processing").iterdir()]
@@ -156,7 +164,11 @@ def kill_soak(pool_cfg, n_jobs, kill_every, kill_for):
 
 
 def test_worker_kill_soak_fast(pool_cfg):
-    counts, kills = kill_soak(pool_cfg, n_jobs=60, kill_every=3.0, kill_for=30)
+    # CI size: 30 jobs (10 two-speaker podcasts) keep every worker busy through the kills; killing stops at 8
+    # (the jobs still in flight then settle through the ordinary path), and a respawn waits at most 1 s
+    # (pool.respawn_backoff_max), so the time goes to recoveries, not to backoff. -m soak runs the long one.
+    counts, kills = kill_soak(pool_cfg, n_jobs=30, kill_every=2.0, kill_for=30, max_kills=8,
+                              respawn_backoff_max=1.0)
     assert kills >= 5
 
 

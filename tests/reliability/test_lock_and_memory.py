@@ -1,4 +1,4 @@
-"""Lock mode under 100 callers with cancellations and timeouts; worker memory over 200 jobs; recycling."""
+"""Lock mode under 100 callers with cancellations and timeouts; worker memory over 100 jobs; recycling."""
 
 import asyncio
 import random
@@ -70,17 +70,20 @@ async def test_100_callers_half_cancelled(transcriber, tmp_path):
         await at.aclose()
 
 
-def test_memory_over_200_jobs(transcriber):
+def test_memory_over_100_jobs(transcriber):
+    """A leak is a cost per job. 100 jobs under a 5 % bound catch the same leak per job as 200 under 10 %
+    (about 0.3-0.4 MB a job at a 560-810 MB worker); the allocator's own steps measured 2.2 % at most
+    over 220 jobs on this machine (2026-11-26), so the bound still has twice that margin."""
     path = shared_audio("tts_1speaker_5s.wav")
     for _ in range(20):  # warm-up: allocator pools, caches
         transcriber.transcribe(path)
     before = current_rss_mb()
-    for _ in range(200):
+    for _ in range(100):
         transcriber.transcribe(path)
     after = current_rss_mb()
     growth = (after - before) / before
-    print(f"\nRSS after warm-up {before:.0f} MB, after 200 jobs {after:.0f} MB: {growth * 100:+.1f}%")
-    assert growth < 0.10
+    print(f"\nRSS after warm-up {before:.0f} MB, after 100 jobs {after:.0f} MB: {growth * 100:+.1f}%")
+    assert growth < 0.05
 
 
 @pytest.mark.parametrize("limit", [{"max_jobs_per_worker": 2}, {"max_rss_mb": 1}])

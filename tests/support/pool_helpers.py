@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -83,14 +84,36 @@ def failed(task_dir: Path) -> dict[str, dict]:
             if p.is_dir()}
 
 
-def assert_exactly_once(task_dir: Path, expected_sources: list[str]) -> dict[str, int]:
-    """Every input ended exactly once, in done/ or failed/; nothing left in inbox/ or processing/."""
+def leftovers(task_dir: Path) -> list[str]:
+    return [p.name for p in (task_dir / "inbox").iterdir()] + [p.name for p in (task_dir / "processing").iterdir()]
+
+
+def assert_exactly_once(task_dir: Path, expected_sources: list[str], settle: float = 10) -> dict[str, int]:
+    """Every input ended exactly once, in done/ or failed/; nothing left in inbox/ or processing/.
+
+    A result's json is the commit marker and its job dir leaves processing/ just after it, so a caller that
+    waited for results gets up to `settle` seconds for that last move before anything left counts."""
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not leftovers(task_dir), settle, "inbox/ and processing/ to empty")
     done = [r["source"] for r in results(task_dir)]
     bad = [e["original_name"] for e in failed(task_dir).values()]
-    leftover = [p.name for p in (task_dir / "inbox").iterdir()] + [p.name for p in (task_dir / "processing").iterdir()]
+    leftover = leftovers(task_dir)
     assert leftover == [], f"jobs left behind: {leftover}"
     assert sorted(done + bad) == sorted(expected_sources), f"done={sorted(done)} failed={sorted(bad)}"
     return {"done": len(done), "failed": len(bad)}
+
+
+def archived_record(task_dir: Path, name: str, timeout: float = 30) -> dict:
+    """The job.json of the one job dir archived in done/ for input `name`. The result's json is the commit
+    marker; the job dir is moved to done/ just after it, so this waits for it rather than racing it."""
+    stem = name.rsplit(".", 1)[0]
+
+    def archived() -> list[Path]:
+        return [p for p in (task_dir / "done").iterdir() if p.is_dir() and p.name.endswith(stem)]
+
+    wait_until(archived, timeout, f"the archived job dir of {name}")
+    (job_dir,) = archived()
+    return json.loads((job_dir / "job.json").read_text())
 
 
 def tile_audio(src: Path, dst: Path, times: int) -> Path:
