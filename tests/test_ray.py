@@ -152,27 +152,29 @@ def hold_next_job(cluster, task_dir: Path, name: str) -> dict:
                                     if w.get("job") and name.rsplit(".", 1)[0] in w["job"]), None), 30, "busy actor")
 
 
+@pytest.fixture(scope="class")
+def server(cluster, tiny_models, tmp_path_factory):
+    """TestDriver's driver loop in this process (a thread), its actors on the cluster's two worker nodes."""
+    from transcribe.core.cluster.driver import RayServer
+
+    tmp = tmp_path_factory.mktemp("ray-driver")
+    srv = RayServer(config_from_dict(ray_cfg(tiny_models, tmp / "tasks"), tmp))
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(srv.run()), daemon=True)
+    thread.start()
+    srv.task_dir = srv.td.root
+    wait_until(lambda: len(ready_actors(srv.task_dir)) == 2 or codes, BOOT, "two actors ready")
+    assert not codes, f"the driver stopped: {srv.fatal}"
+    yield srv
+    srv.stop()
+    thread.join(60)
+    assert codes == [0]
+    assert all(w["state"] == "exited" for w in workers_status(srv.task_dir).values())
+
+
 @needs_shared
 class TestDriver:
     """The driver loop in this process (a thread), its actors on the cluster's two worker nodes."""
-
-    @pytest.fixture(scope="class")
-    def server(self, cluster, tiny_models, tmp_path_factory):
-        from transcribe.core.cluster.driver import RayServer
-
-        tmp = tmp_path_factory.mktemp("ray-driver")
-        srv = RayServer(config_from_dict(ray_cfg(tiny_models, tmp / "tasks"), tmp))
-        codes: list[int] = []
-        thread = threading.Thread(target=lambda: codes.append(srv.run()), daemon=True)
-        thread.start()
-        srv.task_dir = srv.td.root
-        wait_until(lambda: len(ready_actors(srv.task_dir)) == 2 or codes, BOOT, "two actors ready")
-        assert not codes, f"the driver stopped: {srv.fatal}"
-        yield srv
-        srv.stop()
-        thread.join(60)
-        assert codes == [0]
-        assert all(w["state"] == "exited" for w in workers_status(srv.task_dir).values())
 
     def test_dropped_jobs_give_one_result_each_equal_to_one_process(self, server, transcriber):
         names = ["tts_1speaker_5s.wav", "silence_5s.wav", "espeak_zh_en_30s.wav"]
