@@ -464,3 +464,17 @@ def test_an_output_dir_or_task_dir_that_is_a_file_is_one_clear_line(tmp_path, co
     assert out.returncode == 2 and "--output-dir" in out.stderr and "is not a folder" in out.stderr
     out = cli_run("submit", src, "--task-dir", tmp_path / "afile" / "tasks", timeout=60)
     assert out.returncode == 1 and "Not a directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_failure_line_keeps_a_long_path_whole_however_narrow_the_console(tmp_path):
+    """Users copy the path out of the report: rich must not wrap it (nor read `[...]` in a name as markup)."""
+    import io
+
+    from rich.console import Console
+
+    from transcribe.core.run_files import _print_failure
+
+    path = tmp_path / ("a-rather-long-folder-name-" * 4) / "take [2] of the meeting.wav"
+    buffer = io.StringIO()
+    _print_failure(Console(file=buffer, width=40), path, "audio file not found")
+    assert buffer.getvalue() == f"failed {path}: audio file not found\n"

@@ -136,7 +136,8 @@ class RunProgress:
         self.progress.update(self.file_task, estimate=estimate)
         if not self.live and not self.console.quiet:
             eta = f", ETA ~{estimate:.0f}s at RTF {rtf:.3f}" if estimate is not None else ""
-            self.console.print(f"[{index}/{self.total_files}] {path.name}: {duration:.1f}s of audio{eta}", markup=False)
+            self.console.print(f"[{index}/{self.total_files}] {path.name}: {duration:.1f}s of audio{eta}", markup=False,
+                               soft_wrap=True)
 
     def stage(self, stage: str) -> None:
         task = self.progress.tasks[self.file_task] if self.file_task is not None else None
@@ -220,8 +221,8 @@ def _transcribe_all(cfg: Config, files: list[Path], stems: dict[Path, str], out_
                     result = transcriber.transcribe_audio(audio, **kwargs, source_name=path.name, started=started,
                                                           decode_time=time.perf_counter() - started)
                 if result.fallback and not result.cached:
-                    console.print(f"[yellow]fell back[/yellow] {path}: {result.fallback['reason']} on "
-                                  f"{result.fallback['from']}, ran on {result.device}")
+                    console.print(Text.assemble(("fell back", "yellow"), f" {path}: {result.fallback['reason']} on "
+                                                f"{result.fallback['from']}, ran on {result.device}"), soft_wrap=True)
                 written = []
                 for fmt, target in output_paths(stems[path], out_dir, options.formats or cfg.output.formats).items():
                     write_atomic(target, render(result, fmt, options.layout(cfg)), out_dir, 0o644)
@@ -241,7 +242,8 @@ def _transcribe_all(cfg: Config, files: list[Path], stems: dict[Path, str], out_
 
 
 def _print_failure(console: Console, path: Path, message: str) -> None:
-    console.print(Text.assemble(("failed", "red"), f" {path}: {message}"))
+    # soft_wrap: a path stays on one line (copyable) however narrow the console; Text: no markup in names
+    console.print(Text.assemble(("failed", "red"), f" {path}: {message}"), soft_wrap=True)
 
 
 def _summary(rows: list[dict]) -> Table:
