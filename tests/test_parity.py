@@ -50,6 +50,32 @@ def test_segments_equal_bare_funasr(transcriber, bare, name, speakers):
         assert len(got) > 3
 
 
+def test_a_seed_makes_speaker_labels_reproducible_and_equal_to_seeded_bare_funasr(tiny_models, bare, tmp_path):
+    """FunASR's k-means draws its starting centres from numpy's global random state; `funasr.seed` resets that
+    state before each job, so what ran before in the process no longer matters, and bare FunASR seeded the same
+    way before `generate` gives the same labels."""
+    import numpy as np
+
+    from tests.conftest import model_config
+    from transcribe.config import config_from_dict
+    from transcribe.core.engine.funasr_transcriber import Transcriber
+
+    cfg = config_from_dict(model_config(tiny_models, seed=11), tmp_path)
+    seeded = Transcriber(cfg)
+    path = shared_audio("podcast_2speakers_60s.wav")
+    runs, states = [], []
+    for draws_before in (3, 1000):  # different amounts drawn from the global state before the job
+        np.random.random(draws_before)
+        segments = seeded.transcribe(path, speakers=2).segments
+        runs.append([(s.start, s.end, s.text, s.speaker) for s in segments])
+        states.append(np.random.get_state()[1].copy())
+    assert runs[0] == runs[1] and {r[3] for r in runs[0]} == {"Speaker1", "Speaker2"}
+    assert (states[0] == states[1]).all()  # the clustering's draws started from the seed both times
+    np.random.random(77)
+    np.random.seed(11)
+    assert expected_segments(bare, cfg, path, speakers=2) == runs[0]
+
+
 def test_fast_diarization_batches_the_cam_windows(transcriber, monkeypatch):
     """The speaker model gets all windows of a segment in one forward call, not one call per window."""
     spk = transcriber.model.spk_model

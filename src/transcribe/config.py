@@ -63,6 +63,9 @@ class FunasrConfig(_Section):
     # ct-punc with one device-to-host transfer per mini-sentence, not one per token, and FunASR's sentence
     # building and speaker assignment without per-token reads or sentence x turn scans (core/engine/fast_punc.py).
     fast_punc: bool = True
+    # numpy's global random state is reset to this before each job: FunASR's speaker clustering (k-means with
+    # random_state=None) draws from it, so labels otherwise depend on what ran before in the process
+    seed: int | None = Field(default=None, ge=0)
     # fsmn-vad's frame loop reads a host copy of each chunk's scores, not one GPU tensor item per 10 ms
     # frame (src/transcribe/core/engine/fast_vad.py; same segments).
     fast_vad: bool = True

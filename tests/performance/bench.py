@@ -102,6 +102,7 @@ def make_audio(shared: Path, out: Path, minutes: list[float]) -> list[tuple[str,
 
 
 def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio: list, report: dict) -> None:
+    import numpy as np
     import torch
 
     from transcribe.config import config_from_dict
@@ -118,7 +119,7 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     device = args.device
     cfg = config_from_dict({"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                                        "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
-                                       "device": device, "ncpu": args.ncpu, "batch_size_s": 300,
+                                       "device": device, "ncpu": args.ncpu, "batch_size_s": 300, "seed": args.seed,
                                        "engine_batch_s": args.engine_batch_s}}, REPO)
     gen = build_generate_kwargs(cfg, speakers=2)
     rows, parity = [], {}
@@ -137,7 +138,9 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     bare_out = {}
     for label, path, seconds in audio:
         reset_gpu_peak(device)
-        wall, out = median_time(lambda: bare.generate(input=str(path), **gen), args.repeats)
+        # seeded as the Transcriber seeds each job (funasr.seed): speaker labels compare like with like
+        wall, out = median_time(lambda: (np.random.seed(args.seed), bare.generate(input=str(path), **gen))[1],
+                                args.repeats)
         bare_out[label] = segments_of(out, seconds)
         rows.append({"mode": "(a) bare FunASR", "audio": label, "wall_s": round(wall, 3),
                      "rtf": round(wall / seconds, 5), "gpu_peak_mb": gpu_peak_mb(device)})
@@ -360,6 +363,7 @@ def main() -> None:
     ap.add_argument("--pool-jobs", type=int, default=6)
     ap.add_argument("--engine-jobs", default="4", help="(f): jobs batched together in one engine call, e.g. 4,8")
     ap.add_argument("--engine-batch-s", type=int, default=300, help="funasr.engine_batch_s for (f) and (g)")
+    ap.add_argument("--seed", type=int, default=0, help="funasr.seed, and numpy's seed before each bare call")
     ap.add_argument("--cuda-mps", default="", help="pool.cuda_mps values to time every pool row with, e.g. false,auto")
     ap.add_argument("--engine-pool", default="", help="(g): pools of batching workers as WORKERS:BATCH_JOBS, e.g. 1:8,2:4")
     ap.add_argument("--skip-single", action="store_true", help="only the pool rows (no bare/Transcriber/lock)")

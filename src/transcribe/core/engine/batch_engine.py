@@ -47,7 +47,7 @@ from transcribe.core.engine.batched_asr import (
     empty_batch_output,
     run_asr_batch,
 )
-from transcribe.core.engine.funasr_transcriber import Transcriber, build_generate_kwargs
+from transcribe.core.engine.funasr_transcriber import Transcriber, build_generate_kwargs, seed_clustering
 from transcribe.core.engine.patches import after_job
 from transcribe.core.engine.result import Result
 from transcribe.core.errors import TranscribeError, TranscriptionError
@@ -358,6 +358,7 @@ class BatchTranscriber:
         tr._stage_times.clear()
         real = am.inference
         am.inference = Replay(am, job.vad_output, job.utterances, real)
+        seed_clustering(tr.config.funasr.seed)  # as the Transcriber does before FunASR's generate
         try:
             output = am.generate(input=job.audio.samples, **job.gen_kwargs)
         finally:

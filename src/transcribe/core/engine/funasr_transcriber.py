@@ -283,6 +283,7 @@ class Transcriber:
         (vad, asr, punc, spk)."""
         with self._lock:
             self._stage_times.clear()
+            seed_clustering(self.config.funasr.seed)
             spk_model = self.model.spk_model
             try:
                 if not diarize:
@@ -452,6 +453,18 @@ class Transcriber:
                 cpu.on_progress = self._forward_progress
                 self._cpu_copy = cpu
             return self._cpu_copy
+
+
+def seed_clustering(seed: int | None) -> None:
+    """Reset numpy's global random state to `seed` (``funasr.seed``) before a job; None: leave it alone.
+
+    FunASR's speaker clustering calls scikit-learn's ``k_means`` without a ``random_state``
+    (funasr/models/campplus/cluster_backend.py), so the starting centres, and with them the labels of an
+    ambiguous recording, depend on whatever drew from that state earlier in the process. Bare FunASR
+    seeded the same way before ``generate`` gives the same labels (tests/test_parity.py).
+    """
+    if seed is not None:
+        np.random.seed(seed)
 
 
 def share_main_malloc_arena() -> bool:
