@@ -13,8 +13,7 @@ list; everything else it computes (``math.log``/``math.exp`` on Python floats, t
 tests, the noise average) is FunASR's code, line for line, so every frame decision is the same.
 The copy follows ``stats.scores`` through ``DropCachedFrames`` (it keeps exactly as many trailing
 frames), and wherever it cannot be kept in step (a batch of more than one, a length mismatch),
-``GetFrameState`` falls back to FunASR's own method. ``PopDataToOutputBuf`` (once per speech frame)
-reads its buffer's length once instead of up to three Python-level ``Tensor.__len__`` calls.
+``GetFrameState`` falls back to FunASR's own method.
 `tests/test_fast_vad.py` checks segment lists and printed warnings against FunASR as shipped.
 
 What remains per frame is FunASR's own state machine (``DetectOneFrame``, ``WindowDetector``), unchanged.
@@ -131,67 +130,10 @@ def get_frame_state(self: Any, t: int, cache: dict | None = None) -> Any:
     return FrameState.kFrameStateSil
 
 
-def pop_data_to_output_buf(self: Any, start_frm: int, frm_cnt: int, first_frm_is_start_point: bool,
-                           last_frm_is_end_point: bool, end_point_is_sent_end: bool, cache: dict | None = None) -> None:
-    """FunASR's ``PopDataToOutputBuf`` (once per speech frame), statement for statement, but reading the
-    buffer's length once, as ``shape[0]``: FunASR calls ``len()`` on it up to three times, and a tensor's
-    ``__len__`` is a Python-level method. The buffer is not reassigned after ``PopDataBufTillFrame`` and
-    is always a 1-D slice of the waveform, so the length is the same number."""
-    if cache is None:
-        cache = {}
-    self.PopDataBufTillFrame(start_frm, cache=cache)
-    stats = cache["stats"]
-    vad_opts = self.vad_opts
-    buf_len = stats.data_buf.shape[0]
-    expected_sample_number = int(frm_cnt * vad_opts.sample_rate * vad_opts.frame_in_ms / 1000)
-    if last_frm_is_end_point:
-        extra_sample = max(
-            0,
-            int(vad_opts.frame_length_ms * vad_opts.sample_rate / 1000
-                - vad_opts.sample_rate * vad_opts.frame_in_ms / 1000),
-        )
-        expected_sample_number += int(extra_sample)
-    if end_point_is_sent_end:
-        expected_sample_number = max(expected_sample_number, buf_len)
-    if buf_len < expected_sample_number:
-        print("error in calling pop data_buf\n")
-
-    output_data_buf = stats.output_data_buf
-    if len(output_data_buf) == 0 or first_frm_is_start_point:
-        output_data_buf.append(_SPEECH_BUF())
-        output_data_buf[-1].Reset()
-        output_data_buf[-1].start_ms = start_frm * vad_opts.frame_in_ms
-        output_data_buf[-1].end_ms = output_data_buf[-1].start_ms
-        output_data_buf[-1].doa = 0
-    cur_seg = output_data_buf[-1]
-    if cur_seg.end_ms != start_frm * vad_opts.frame_in_ms:
-        print("warning\n")
-    if end_point_is_sent_end:
-        data_to_pop = expected_sample_number
-    else:
-        data_to_pop = int(frm_cnt * vad_opts.frame_in_ms * vad_opts.sample_rate / 1000)
-    if data_to_pop > buf_len:
-        print('VAD data_to_pop is bigger than cache["stats"].data_buf.size()!!!\n')
-        data_to_pop = buf_len
-        expected_sample_number = buf_len
-
-    cur_seg.doa = 0
-    if cur_seg.end_ms != start_frm * vad_opts.frame_in_ms:
-        print("Something wrong with the VAD algorithm\n")
-    stats.data_buf_start_frame += frm_cnt
-    cur_seg.end_ms = (start_frm + frm_cnt) * vad_opts.frame_in_ms
-    if first_frm_is_start_point:
-        cur_seg.contain_seg_start_point = True
-    if last_frm_is_end_point:
-        cur_seg.contain_seg_end_point = True
-
-
-FAST = {"ComputeScores": compute_scores, "DropCachedFrames": drop_cached_frames, "GetFrameState": get_frame_state,
-        "PopDataToOutputBuf": pop_data_to_output_buf}
-# FunASR's FrameState enum, E2EVadFrameProb and E2EVadSpeechBufWithDoa classes, bound at install.
+FAST = {"ComputeScores": compute_scores, "DropCachedFrames": drop_cached_frames, "GetFrameState": get_frame_state}
+# FunASR's FrameState enum and E2EVadFrameProb class, bound at install.
 _FRAME_STATE: Any = None
 _FRAME_PROB: Any = None
-_SPEECH_BUF: Any = None
 
 
 def install(funasr_version: str) -> list[str]:
@@ -199,10 +141,10 @@ def install(funasr_version: str) -> list[str]:
     if not funasr_version.startswith(VERIFIED_FUNASR):
         logger.info("fast VAD not verified for funasr {}: using FunASR's own frame loop", funasr_version)
         return []
-    global _FRAME_STATE, _FRAME_PROB, _SPEECH_BUF
+    global _FRAME_STATE, _FRAME_PROB
     module = _vad_module()
     cls = module.FsmnVADStreaming
-    _FRAME_STATE, _FRAME_PROB, _SPEECH_BUF = module.FrameState, module.E2EVadFrameProb, module.E2EVadSpeechBufWithDoa
+    _FRAME_STATE, _FRAME_PROB = module.FrameState, module.E2EVadFrameProb
     for name, fast in FAST.items():
         _ORIGINALS.setdefault(name, cls.__dict__[name])
         setattr(cls, name, fast)
