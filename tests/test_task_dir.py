@@ -39,16 +39,16 @@ def test_unsettled_partial_and_hidden_files_are_not_claimed(td):
     for name in (".hidden.wav", "x.wav.part", "y.tmp", "z.crdownload", "a.wav.json"):
         drop(td, name)
     (td.inbox / "somedir").mkdir()
-    assert td.candidates() == []
+    assert td.scan() == []
     old = drop(td, "old.wav")
-    assert td.candidates() == [old]
+    assert td.scan() == [old]
 
 
 def test_priority_then_age_ordering(td):
     a = drop(td, "a.wav", age=10)
     b = drop(td, "b.wav", age=5)
     sidecar(td, "b.wav.json", '{"priority": 5}')
-    assert td.candidates() == [b, a]
+    assert td.scan() == [b, a]
 
 
 def test_claim_race_has_exactly_one_winner(td):
@@ -259,8 +259,8 @@ def test_claim_window_is_covered_by_the_lease(td):
     seen = []
 
     def probe(name):
-        for job_dir, _ in td.processing_jobs():
-            seen.append((name, TaskDir(td.root).recover(job_dir, "worker_died", "probe")))
+        for job_id in td.processing_names():
+            seen.append((name, TaskDir(td.root).recover(td.processing / job_id, "worker_died", "probe")))
 
     original = fault_injection.crash_point
     import transcribe.core.pool.task_dir as tdmod
@@ -416,14 +416,14 @@ def test_old_tmp_entries_are_swept(td):
 def test_an_unsettled_sidecar_holds_its_audio_back(td):
     a = drop(td, "talk.wav")
     (td.inbox / "talk.wav.json").write_text('{"speakers": 2}')  # just written
-    assert td.candidates() == []
+    assert td.scan() == []
     os.utime(td.inbox / "talk.wav.json", (time.time() - 5,) * 2)
-    assert td.candidates() == [a]
+    assert td.scan() == [a]
 
 
 def test_a_claim_rechecks_its_entry(td):
     a = drop(td, "a.wav")
-    [entry] = td.candidates()
+    [entry] = td.scan()
     a.write_bytes(b"more")  # written to again after the scan
     assert td.claim(entry, "w1") is None and a.exists() and list(td.processing.iterdir()) == []
 
@@ -446,13 +446,13 @@ def test_claims_from_a_backlog_scan_once_and_read_each_sidecar_once(td, monkeypa
 
 def test_a_rescan_sees_new_files_late_sidecars_and_gone_entries(td):
     a, b = drop(td, "a.wav", age=10), drop(td, "b.wav", age=5)
-    assert td.candidates() == [a, b]
+    assert td.scan() == [a, b]
     sidecar(td, "b.json", '{"priority": 9}')  # a late stem sidecar raises b's priority
     c = drop(td, "c.wav", age=3)
-    assert td.candidates() == [b, a, c]
+    assert td.scan() == [b, a, c]
     a.unlink()
     sidecar(td, "c.wav.json", '{"priority": -1}')
-    assert td.candidates() == [b, c]
+    assert td.scan() == [b, c]
 
 
 def test_a_sidecar_whose_audio_never_comes_goes_to_failed(td):

@@ -42,6 +42,24 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
+def loads_json_object(data: str | bytes) -> dict[str, Any]:
+    """A JSON object from text another process wrote; {} for empty, invalid or non-object text (a file cut
+    short by a crash or edited by hand must not stop a reader)."""
+    try:
+        value = json.loads(data or "{}")
+    except ValueError:  # UnicodeDecodeError included
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """`loads_json_object` of a file; {} when it cannot be read."""
+    try:
+        return loads_json_object(path.read_bytes())
+    except OSError:
+        return {}
+
+
 def json_safe(value: Any) -> Any:
     """`value` with every string made valid Unicode (so `json.dumps(...).encode()` cannot fail)."""
     if isinstance(value, str):

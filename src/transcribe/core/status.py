@@ -4,20 +4,42 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from transcribe.config import Config
-from transcribe.core.pool.heartbeat import pid_alive
+from transcribe.core.fsio import dumps_json, now_iso, read_json_object, write_atomic
+from transcribe.core.pool.heartbeat import pid_alive, read_worker_status
 from transcribe.core.pool.task_dir import TaskDir
 
 
+SERVER_STATUS_FILE = "supervisor.json"
 # supervisor.json's cuda_mps.state (core/pool/supervisor.py) in words
 MPS_SHOWN = {"on": "on", "external": "on, a daemon this pool did not start", "off": "off",
              "died": "off, the daemon exited while serving", "stopped": "stopped"}
+
+
+class ServerStatusFile:
+    """supervisor.json, which the pool supervisor and the Ray driver keep: rewritten (atomically, fsynced) only
+    when what it says changes, not on every turn of their loops; its `updated` is when it last changed."""
+
+    def __init__(self, td: TaskDir) -> None:
+        self.td = td
+        self._written: dict[str, Any] | None = None
+
+    def write(self, info: dict[str, Any]) -> None:
+        if info == self._written:
+            return
+        try:
+            write_atomic(self.td.root / SERVER_STATUS_FILE, dumps_json({**info, "updated": now_iso()}), self.td.tmp,
+                         0o640)
+            self._written = info
+        except OSError as e:
+            logger.warning("cannot write {}: {}", SERVER_STATUS_FILE, e)
 
 
 def server_lock_held(root: Path) -> int | None:
@@ -48,9 +70,7 @@ def server_lock_held(root: Path) -> int | None:
 def server_state(td: TaskDir) -> dict[str, Any]:
     """Whether a server serves `td` now, its mode and pid (``{"alive": False}`` when none)."""
     pid = server_lock_held(td.root)
-    info: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        info = json.loads((td.root / "supervisor.json").read_text(encoding="utf-8"))
+    info = read_json_object(td.root / SERVER_STATUS_FILE)
     if pid is not None:
         # supervisor.json is written by the pool supervisor and the Ray driver (with its "mode"), not lock mode
         pool = info.get("pid") == pid
@@ -83,12 +103,9 @@ def collect_status(cfg: Config, *, include_gone: bool = False) -> dict[str, Any]
     workers, hidden = [], 0
     if td.workers.is_dir():
         for path in sorted(td.workers.glob("*.json")):
-            try:
-                w = json.loads(path.read_text(encoding="utf-8"))
-                age = now - path.stat().st_mtime
-            except (OSError, ValueError):
+            if (read := read_worker_status(path)) is None:
                 continue
-            row = _worker_row(w, age, now, cfg.pool.heartbeat_timeout)
+            row = _worker_row(read[0], now - read[1], now, cfg.pool.heartbeat_timeout)
             if row["state"] == "gone" and not include_gone:
                 hidden += 1
                 continue

@@ -4,7 +4,6 @@ from its worker's status file), done/<id>.json (the result), failed/<id>/error.j
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import re
 import time
@@ -15,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from transcribe.core.engine.formats import render
 from transcribe.core.engine.result import Result
+from transcribe.core.fsio import read_json_object
 from transcribe.core.pool.jobs import JobRecord
 from transcribe.core.pool.task_dir import ERROR_FILE, JOB_FILE, TaskDir
 from transcribe.http.errors import ApiError
@@ -34,18 +34,10 @@ def links(job_id: str) -> dict[str, str]:
     return {"self": f"/v1/jobs/{job_id}", "result": f"/v1/jobs/{job_id}/result?format=json"}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def worker_for(td: TaskDir, job_id: str) -> dict[str, Any]:
     """The status of the worker running `job_id` (its stage), or {}."""
     for path in td.workers.glob("*.json"):
-        status = _read_json(path)
+        status = read_json_object(path)
         if status.get("job") == job_id:
             return status
     return {}
@@ -62,7 +54,7 @@ def job_state(td: TaskDir, job_id: str) -> dict[str, Any]:
         info: dict[str, Any] = {"id": job_id, "object": "transcription.job", "status": STATES[state],
                                 "links": links(job_id)}
         if state == "done":
-            result = _read_json(path)
+            result = read_json_object(path)
             if not result:
                 continue
             return {**info, "source": result.get("source"), "duration": result.get("duration"),

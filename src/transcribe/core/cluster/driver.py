@@ -40,7 +40,7 @@ from transcribe.core.cluster.placement import ActorSpec, NodeResources, plan_act
 from transcribe.core.engine.audio import check_file
 from transcribe.core.engine.result import Result
 from transcribe.core.errors import TranscribeError
-from transcribe.core.fsio import now_iso, write_atomic
+from transcribe.core.fsio import write_atomic
 from transcribe.core.metrics import PoolMetrics
 from transcribe.core.notify import Notifier
 from transcribe.core.pool.heartbeat import WorkerStatus
@@ -53,6 +53,7 @@ from transcribe.core.pool.job_runner import (
 )
 from transcribe.core.pool.jobs import Job, JobOptions, LeaseLost, ReportedError
 from transcribe.core.pool.task_dir import Housekeeping, TaskDir
+from transcribe.core.status import ServerStatusFile
 
 TICK = 0.25  # longest wait on outstanding calls per loop turn
 MAX_EARLY_DEATHS = 3  # actors dying before ready, in a row, that stop the server
@@ -124,6 +125,7 @@ class RayServer:
         self.cfg = cfg
         self.address = address if address is not None else cfg.ray.address
         self.td = TaskDir.from_config(cfg).ensure()
+        self.status_file = ServerStatusFile(self.td)
         self.slots: dict[str, ActorSlot] = {}
         self.stop_event = threading.Event()  # set by SIGTERM/SIGINT, or by whoever embeds the server
         self.wake = threading.Event()  # inbox changed, or an actor went idle: claim now
@@ -482,17 +484,13 @@ class RayServer:
             logger.warning("cannot write the status of actor {}: {}", slot.actor_id, e)
 
     def _write_server_status(self, state: str) -> None:
-        info = {
-            "pid": os.getpid(), "state": state, "updated": now_iso(), "mode": "ray",
+        self.status_file.write({
+            "pid": os.getpid(), "state": state, "mode": "ray",
             "ray_address": self.address, "started_ray": self._started_ray, "nodes": len(self._nodes_seen),
             "workers": [{"worker_id": s.actor_id, "pid": s.status.actor_pid, "node": s.node_id,
                          "num_gpus": s.spec.num_gpus, "num_cpus": s.spec.num_cpus} for s in self.slots.values()],
             "restarts_total": self.restarts_total,
-        }
-        try:
-            write_atomic(self.td.root / "supervisor.json", json.dumps(info), self.td.tmp, 0o640)
-        except OSError as e:
-            logger.warning("cannot write supervisor.json: {}", e)
+        })
 
 
 def serve_ray(cfg: Config, address: str | None = None) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 from loguru import logger
 
 from transcribe.core.engine.result import Result
-from transcribe.core.fsio import dumps_json, now_iso, write_atomic
+from transcribe.core.fsio import dumps_json, now_iso, read_json_object, write_atomic
 
 
 @dataclass
@@ -101,6 +101,16 @@ def pid_alive(pid: int | None) -> bool:
 
 
 PR_SET_PDEATHSIG = 1
+
+
+def read_worker_status(path: Path) -> tuple[dict[str, Any], float] | None:
+    """A worker's status file and its mtime (the heartbeat); None when it is gone or not a JSON object."""
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    status = read_json_object(path)
+    return (status, mtime) if status else None
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:

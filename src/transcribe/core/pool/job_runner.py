@@ -16,7 +16,7 @@ from transcribe.core.errors import TranscribeError
 from transcribe.core.fsio import printable
 from transcribe.core.notify import Notifier
 from transcribe.core.pool.jobs import Job, JobOptions, LeaseLost, error_info
-from transcribe.core.pool.task_dir import TaskDir
+from transcribe.core.pool.task_dir import ERROR_FILE, TaskDir
 
 
 def prepare_job(td: TaskDir, job: Job) -> JobOptions:
@@ -54,7 +54,7 @@ def settle_failed_job(td: TaskDir, job: Job, exc: BaseException, worker_id: str,
     if outcome == "failed" and notifier:
         failed = td.failed / job.job_id
         notifier.send("job.failed", job_id=job.job_id, source=printable(job.record.original_name),
-                      error_path=str(failed / "error.json"), **info)
+                      error_path=str(failed / ERROR_FILE), **info)
     return outcome
 
 

@@ -41,10 +41,11 @@ from loguru import logger
 from transcribe.config import Config
 from transcribe.core import fault_injection
 from transcribe.core.errors import ConfigError
-from transcribe.core.fsio import now_iso, write_atomic
 from transcribe.core.metrics import PoolMetrics, worker_states
 from transcribe.core.pool.cuda_mps import MpsDaemon, MpsError, decide, private_pipe_dir
+from transcribe.core.pool.heartbeat import read_worker_status
 from transcribe.core.pool.task_dir import Housekeeping, TaskDir
+from transcribe.core.status import ServerStatusFile
 from transcribe.core.pool.worker_process import (
     EXIT_BOOT_FAILED,
     EXIT_OK,
@@ -425,11 +426,6 @@ def plan_pool(cfg: Config, available: list[str], cpu_count: int | None = None,
     return PoolPlan([None] * n, ncpu, cuda)
 
 
-def plan_workers(cfg: Config, available: list[str], cpu_count: int | None = None) -> list[str | None]:
-    """Each worker's device (`plan_pool`'s devices)."""
-    return plan_pool(cfg, available, cpu_count).devices
-
-
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -465,6 +461,7 @@ class Supervisor:
         self.mps_state: dict[str, Any] = {"state": "off", "reason": "not decided yet"}
         self.core: PoolCore | None = None
         self._signals: list[int] = []
+        self.status_file = ServerStatusFile(self.td)
         self._lock_fd: int | None = None
         self._ctx: Any = None
         self.metrics: PoolMetrics | None = None
@@ -650,12 +647,7 @@ class Supervisor:
             pass
 
     def _status_of(self, worker_id: str) -> tuple[dict[str, Any], float | None]:
-        path = self.td.workers / f"{worker_id}.json"
-        try:
-            mtime = path.stat().st_mtime
-            return json.loads(path.read_text(encoding="utf-8")), mtime
-        except (OSError, ValueError):
-            return {}, None
+        return read_worker_status(self.td.workers / f"{worker_id}.json") or ({}, None)
 
     # ------------------------------------------------------------------ status
     def _write_metrics(self) -> None:
@@ -669,15 +661,11 @@ class Supervisor:
 
     def _write_status(self, state: str = "running") -> None:
         core = self.core
-        info = {
-            "pid": os.getpid(), "state": state, "updated": now_iso(), "mode": "pool",
+        self.status_file.write({
+            "pid": os.getpid(), "state": state, "mode": "pool",
             "workers": [{"worker_id": s.worker_id, "pid": s.proc.pid if s.proc else None,
                          "device": s.device, "restarts": s.restarts} for s in (core.slots if core else [])],
             "draining": [{"worker_id": p.worker_id, "pid": p.pid} for p in (core.legacy if core else [])],
             "restarts_total": core.restarts_total if core else 0,
             "cuda_mps": self.mps_state,
-        }
-        try:
-            write_atomic(self.td.root / "supervisor.json", json.dumps(info), self.td.tmp, 0o640)
-        except OSError as e:
-            logger.warning("cannot write supervisor.json: {}", e)
+        })

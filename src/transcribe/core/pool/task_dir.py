@@ -60,7 +60,7 @@ from loguru import logger
 
 from transcribe.core.errors import TranscribeError
 from transcribe.core.fault_injection import crash_point
-from transcribe.core.fsio import dumps_json, fsync_dir, now_iso, printable, write_atomic
+from transcribe.core.fsio import dumps_json, fsync_dir, loads_json_object, now_iso, printable, read_json_object, write_atomic
 from transcribe.core.pool.jobs import (
     Job,
     JobOptions,
@@ -130,8 +130,8 @@ class Lease:
         if self.fd is None:
             return {}
         try:
-            return json.loads(os.pread(self.fd, 65536, 0).decode("utf-8", "replace") or "{}")
-        except (OSError, ValueError):
+            return loads_json_object(os.pread(self.fd, 65536, 0))
+        except OSError:
             return {}
 
     def write_info(self, info: dict[str, Any]) -> None:
@@ -264,16 +264,10 @@ class TaskDir:
 
     def lease_info(self, job_id: str) -> dict[str, Any]:
         """Who holds a job (worker, pid, token, started) as its owner wrote it; {} if unknown."""
-        try:
-            return json.loads(self._lease_path(job_id).read_text(encoding="utf-8", errors="replace") or "{}")
-        except (OSError, ValueError):
-            return {}
+        return read_json_object(self._lease_path(job_id))
 
     def _disk_token(self, job_dir: Path) -> str | None:
-        try:
-            return json.loads((job_dir / JOB_FILE).read_bytes()).get("lease_token")
-        except (OSError, ValueError, AttributeError):
-            return None
+        return read_json_object(job_dir / JOB_FILE).get("lease_token")
 
     def check_owner(self, job: Job) -> None:
         """The fence: raise `LeaseLost` unless `job` is still ours to commit, fail or requeue."""
@@ -362,7 +356,6 @@ class TaskDir:
         cache.priorities, cache.ready, cache.sidecars = seen_priorities, kept, sidecars
         return [key[2] for key in sorted(kept.values())]
 
-    candidates = scan  # the name older callers use
 
     @staticmethod
     def _sidecar_name(audio_name: str, names: dict[str, Any] | set[str]) -> str | None:
@@ -693,15 +686,13 @@ class TaskDir:
             job.lease.abandon()
 
     # ------------------------------------------------------------------ recovery
-    def processing_jobs(self) -> Iterator[tuple[Path, dict[str, Any]]]:
-        """(job dir, lease info) for every entry in processing/ (read-only; does not take leases)."""
+    def processing_names(self) -> list[str]:
+        """The job ids in processing/, sorted (read-only; takes no lease)."""
         try:
             with os.scandir(self.processing) as it:
-                entries = sorted(e.name for e in it if e.is_dir(follow_symlinks=False) and e.name[0] != ".")
+                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False) and e.name[0] != ".")
         except OSError:
-            return
-        for name in entries:
-            yield self.processing / name, self.lease_info(name)
+            return []
 
     def recover(self, job_dir: Path, reason: str, message: str, *, keep_audio: bool = True,
                 counted: bool | Callable[[dict[str, Any]], bool] = True) -> str:
@@ -719,16 +710,18 @@ class TaskDir:
             if (self.done / f"{job_id}.json").exists():
                 self._finish_done(job_dir, keep_audio)  # committed before the crash: finish, never redo
                 return "completed"
-            if self._audio_in(job_dir) is None:
+            audio_missing = self._audio_in(job_dir) is None
+            if audio_missing:
                 with contextlib.suppress(OSError):  # a claim dir whose audio rename never happened
                     job_dir.rmdir()
                     return "empty"
             record = self._read_record(job_dir)
             lease.token = record.lease_token  # adopt the job as its last owner left it
             job = Job(job_dir, record, lease)
-            if self._audio_in(job_dir) is None:
-                return self._settle(job, {"reason": "audio_missing", "error_type": "WorkerLost", "retryable": False,
-                                          "message": "the job folder holds no audio"}, fail=True)
+            if audio_missing:  # and the folder holds something else
+                self.fail(job, {"reason": "audio_missing", "error_type": "WorkerLost", "retryable": False,
+                                "message": "the job folder holds no audio"})
+                return "failed"
             side_left = self.inbox / (record.original_name + ".json")
             if not (job_dir / SIDECAR_FILE).exists() and len(os.fsencode(side_left.name)) <= 255 \
                     and side_left.is_file():
@@ -741,16 +734,13 @@ class TaskDir:
         finally:
             lease.drop()
 
-    def _settle(self, job: Job, error: dict[str, Any], *, fail: bool) -> str:
-        self.fail(job, error) if fail else self.release(job, error)
-        return "failed" if fail else "requeued"
-
     def sweep(self, reason: str, message: str, *, keep_audio: bool = True,
               counted: bool | Callable[[dict[str, Any]], bool] = True) -> dict[str, str]:
         """Recover every processing/ entry whose lease nobody holds (a dead owner, or a claim cut short),
         and drop lock files nobody holds. Live owners are left alone. Safe to run at any time."""
         outcomes: dict[str, str] = {}
-        for job_dir, _ in list(self.processing_jobs()):
+        names = self.processing_names()
+        for job_dir in (self.processing / name for name in names):
             try:
                 outcome = self.recover(job_dir, reason, message, keep_audio=keep_audio, counted=counted)
             except OSError as e:
@@ -762,16 +752,18 @@ class TaskDir:
             if outcome != "held":
                 outcomes[job_dir.name] = outcome
                 logger.info("recovered job {}: {}", job_dir.name, outcome)
-        self._sweep_lock_files()
+        self._sweep_lock_files(names)
         return outcomes
 
-    def _sweep_lock_files(self) -> None:
+    def _sweep_lock_files(self, processing: list[str]) -> None:
+        """Drop the lock files of jobs no longer in processing/ (`processing`: the ids listed there) that
+        nobody holds."""
         try:
             with os.scandir(self.leases) as it:
                 names = [e.name for e in it if e.name.endswith(".lock")]
         except OSError:
             return
-        live = {self._lease_path(p.name).name for p, _ in self.processing_jobs()}
+        live = {self._lease_path(job_id).name for job_id in processing}
         for name in names:
             if name in live:
                 continue
@@ -924,11 +916,7 @@ class TaskDir:
     def failure_info(self, job_id: str) -> dict[str, Any]:
         """failed/<id>/error.json, or {} where it is missing, truncated or not an object: a reader (submit
         --wait, the HTTP API) says the reason is unknown rather than crash on a file someone edited."""
-        try:
-            info = json.loads((self.failed / job_id / ERROR_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return info if isinstance(info, dict) else {}
+        return read_json_object(self.failed / job_id / ERROR_FILE)
 
     def counts(self) -> dict[str, int]:
         """Jobs per state, from the folders alone."""
