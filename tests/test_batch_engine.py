@@ -99,11 +99,11 @@ def test_a_failing_batch_is_retried_job_by_job(engine, monkeypatch):
     batches = []
     real = be.run_asr_batch
 
-    def failing(model, speech, kwargs, keys=None):
+    def failing(model, speech, kwargs):
         batches.append(len(speech))
         if poisoned & {len(s) for s in speech}:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(model, speech, kwargs, keys)
+        return real(model, speech, kwargs)
 
     monkeypatch.setattr(be, "run_asr_batch", failing)
     out = wide.transcribe_many([EngineJob(podcast, speakers=2), EngineJob(tts)])

@@ -60,7 +60,8 @@ def create_app(cfg: Config) -> FastAPI:
     async def accept(request: Request) -> Accepted:
         """Admission control, then the upload into inbox/."""
         try:
-            waiting = await asyncio.to_thread(td.counts)  # a scan of the folders: off the event loop
+            # a scan of the folders (off the event loop), of the two that hold waiting and running jobs only
+            waiting = await asyncio.to_thread(td.counts, ("inbox", "processing"))
             depth = waiting["inbox"] + waiting["processing"]
             if depth >= settings.max_queue_depth:
                 raise ApiError(503, f"the queue is full ({depth} jobs waiting or running, http.max_queue_depth="

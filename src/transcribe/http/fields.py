@@ -2,8 +2,8 @@
 
 OpenAI's fields are accepted (`model`, `language`, `prompt`, `response_format`, `temperature`,
 `timestamp_granularities[]`: `word` turns on word timestamps); `prompt` becomes hotwords when `hotwords` is not given. The extensions
-`speakers`, `min_speakers`, `max_speakers`, `diarize`, `hotwords`, `priority` go to `JobOptions` by those names,
-so a JobOptions field added later flows through unchanged. Anything else is a 400 naming the field.
+`speakers`, `min_speakers`, `max_speakers`, `diarize`, `hotwords`, `priority` go to `JobOptions` by those names
+(`OPTION_FIELDS`). Anything else is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -91,9 +91,6 @@ def parse_fields(fields: dict[str, list[str]]) -> tuple[JobOptions, Transcriptio
         else:  # a rule across fields (speakers with min_speakers...): name the first field it mentions
             name = next((f for f in raw if f in message), "speakers")
         param = hotword_source if name == "hotwords" else name
-        if err["type"] == "extra_forbidden":
-            raise ApiError(400, f"`{param}` is not supported by this server version", param=param,
-                           code="unsupported_parameter") from None
         raise ApiError(400, f"{param}: {message}" if err["loc"] else message, param=param,
                        code="invalid_value") from None
     return options, TranscriptionRequest(fmt, language)

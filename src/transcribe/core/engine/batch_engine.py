@@ -152,9 +152,8 @@ class BatchTranscriber:
         def decode(job: _Job) -> None:
             t0 = time.perf_counter()
             try:
-                src = job.item.source
-                job.audio = src if isinstance(src, Audio) else load_audio(
-                    src, inp.allowed_extensions, inp.max_file_mb, extension=job.item.extension)
+                job.audio = load_audio(job.item.source, inp.allowed_extensions, inp.max_file_mb,
+                                       extension=job.item.extension)
             except Exception as e:  # noqa: BLE001 - the job's own failure (AudioError names the fix)
                 job.error = e
             job.timings["decode"] += time.perf_counter() - t0
@@ -222,8 +221,7 @@ class BatchTranscriber:
             job.fallback = reason
             return
         job.asr_kwargs = dict(kwargs)
-        self._progress("vad")
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # the progress report ("vad") comes from the Transcriber's stage timer
         am._reset_runtime_configs()
         job.vad_output = am.inference(job.audio.samples, model=am.vad_model, kwargs=am.vad_kwargs, **cfg)
         job.timings["vad"] += time.perf_counter() - t0

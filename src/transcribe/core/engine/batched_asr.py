@@ -72,8 +72,7 @@ def empty_batch_output(model: Any) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def run_asr_batch(model: Any, speech: Sequence[Any], kwargs: dict[str, Any],
-                  keys: Sequence[str] | None = None) -> list[UtteranceAsr]:
+def run_asr_batch(model: Any, speech: Sequence[Any], kwargs: dict[str, Any]) -> list[UtteranceAsr]:
     """ASR on one padded batch of utterances (1-D sample tensors/arrays); one record per utterance."""
     from funasr.utils import postprocess_utils
     from funasr.utils.load_utils import extract_fbank, load_audio_text_image_video
@@ -81,7 +80,7 @@ def run_asr_batch(model: Any, speech: Sequence[Any], kwargs: dict[str, Any],
 
     seaco = type(model).__name__ == "SeacoParaformer"
     frontend, tokenizer, device = kwargs["frontend"], kwargs["tokenizer"], kwargs["device"]
-    keys = list(keys) if keys is not None else [f"utt{i}" for i in range(len(speech))]
+    keys = [f"utt{i}" for i in range(len(speech))]
     samples = load_audio_text_image_video(list(speech), fs=frontend.fs, audio_fs=kwargs.get("fs", 16000),
                                           data_type=kwargs.get("data_type", "sound"), tokenizer=tokenizer)
     feats, feat_lens = extract_fbank(samples, data_type=kwargs.get("data_type", "sound"), frontend=frontend)

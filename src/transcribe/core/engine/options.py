@@ -7,7 +7,7 @@ fallback's retries. Pure: no FunASR, no I/O.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 MAX_SPEAKERS = 64
@@ -37,9 +37,6 @@ class TranscribeOptions:
         if self.min_speakers is None and self.max_speakers is None:
             return None
         return (self.min_speakers or 1, self.max_speakers or MAX_SPEAKERS)
-
-    def with_batch(self, batch_size_s: int) -> "TranscribeOptions":
-        return replace(self, batch_size_s=batch_size_s)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

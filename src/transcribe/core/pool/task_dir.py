@@ -918,20 +918,26 @@ class TaskDir:
         --wait, the HTTP API) says the reason is unknown rather than crash on a file someone edited."""
         return read_json_object(self.failed / job_id / ERROR_FILE)
 
-    def counts(self) -> dict[str, int]:
-        """Jobs per state, from the folders alone."""
+    def counts(self, states: tuple[str, ...] = ("inbox", "processing", "done", "failed")) -> dict[str, int]:
+        """Jobs per state, from the folders alone; only the `states` asked for are listed (done/ grows with
+        every job ever run: an admission check needs inbox and processing only)."""
         def n(path: Path, pred: Callable[[os.DirEntry[str]], bool]) -> int:
             try:
                 return sum(1 for e in os.scandir(path) if pred(e))
             except FileNotFoundError:
                 return 0
-        return {
-            "inbox": n(self.inbox, lambda e: _is_candidate(e.name) and (not e.is_dir(follow_symlinks=False)
+
+        def is_dir(e: os.DirEntry[str]) -> bool:
+            return e.is_dir(follow_symlinks=False) and e.name[0] != "."
+
+        folders: dict[str, tuple[Path, Callable[[os.DirEntry[str]], bool]]] = {
+            "inbox": (self.inbox, lambda e: _is_candidate(e.name) and (not e.is_dir(follow_symlinks=False)
                                                                       or e.name.endswith(JOB_SUFFIX))),
-            "processing": n(self.processing, lambda e: e.is_dir(follow_symlinks=False) and e.name[0] != "."),
-            "done": n(self.done, lambda e: e.name.endswith(".json") and e.name[0] != "."),
-            "failed": n(self.failed, lambda e: e.is_dir(follow_symlinks=False) and e.name[0] != "."),
+            "processing": (self.processing, is_dir),
+            "done": (self.done, lambda e: e.name.endswith(".json") and e.name[0] != "."),
+            "failed": (self.failed, is_dir),
         }
+        return {state: n(*folders[state]) for state in states}
 
     def oldest_waiting(self) -> float | None:
         """Age in seconds of the oldest inbox entry."""
