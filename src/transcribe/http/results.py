@@ -7,7 +7,6 @@ import asyncio
 import math
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response

@@ -47,9 +47,7 @@ from transcribe.core.pool.heartbeat import WorkerStatus
 from transcribe.core.pool.inbox_watcher import InboxWatcher
 from transcribe.core.pool.job_runner import (
     commit_result,
-    finish_job,
     prepare_job,
-    settle_failed_job,
 )
 from transcribe.core.pool.jobs import Job, JobOptions, LeaseLost, ReportedError
 from transcribe.core.pool.task_dir import Housekeeping, TaskDir
@@ -364,35 +362,33 @@ class RayServer:
                            dispatch.job.job_id, slot.actor_id, dispatch.attempt)
             return "stale"
         slot.dispatch = None
-        job, result = dispatch.job, None
-        try:
-            if lost is not None:
-                # a stop this server decided (shutdown) gives the attempt back; a lost actor counts
-                outcome = self.td.release(job, {"reason": reason, "error_type": "WorkerLost",
-                                                "message": lost, "retryable": True, "worker": slot.actor_id},
-                                          counted=reason != "server_stopped")
-            elif reply and reply.get("ok"):
-                result = Result.from_dict(reply["result"])
-                path = finish_job(self.td, job, result, dispatch.options, self.cfg, self.notifier)
-                outcome = "done"
-                # what Ray added to this job: send + call + answer, beyond the actor's own processing time
-                hand_off_ms = (time.time() - dispatch.sent_ts - result.processing_time) * 1000
-                logger.info("job {} done by actor {}: {:.1f}s audio, rtf {:.3f}, Ray hand-off {:.0f} ms -> {}",
-                            job.job_id, slot.actor_id, result.duration, result.rtf, hand_off_ms, path.name)
-            else:
-                error = (reply or {}).get("error") or {"reason": "internal_error", "message": "no answer"}
-                outcome = settle_failed_job(self.td, job, ReportedError(error), slot.actor_id, self.notifier)
-        except LeaseLost as lost_lease:  # recovered by someone else meanwhile: nothing of it is ours to touch
-            logger.error("job {}: {}; the answer is discarded", job.job_id, lost_lease.message)
-            self.td.abandon(job)
-            outcome = "lost"
-        except Exception as exc:  # noqa: BLE001 - a commit that failed (full disk) is retried like the pool
+        job = dispatch.job
+        if lost is not None:
+            # a stop this server decided (shutdown) gives the attempt back; a lost actor counts
             try:
-                outcome = settle_failed_job(self.td, job, exc, slot.actor_id, self.notifier)
-            except (LeaseLost, OSError) as e:  # cannot even settle it: the sweep requeues it later
-                logger.error("job {}: cannot settle it ({}); left for the sweep", job.job_id, e)
+                outcome = self.td.release(job, {"reason": reason, "error_type": "WorkerLost", "message": lost,
+                                                "retryable": True, "worker": slot.actor_id},
+                                          counted=reason != "server_stopped")
+            except (LeaseLost, OSError) as e:  # cannot requeue it: the sweep does, later
+                logger.error("job {}: cannot requeue it ({}); left for the sweep", job.job_id, e)
                 self.td.abandon(job)
-                outcome = "abandoned"
+                outcome = "lost" if isinstance(e, LeaseLost) else "abandoned"
+            self._count(slot, outcome, None)
+            return outcome
+        answer: Result | BaseException
+        if reply and reply.get("ok"):
+            try:
+                answer = Result.from_dict(reply["result"])
+            except Exception as exc:  # noqa: BLE001 - a malformed answer: retryable, like a failed commit
+                answer = exc
+        else:
+            answer = ReportedError((reply or {}).get("error") or {"reason": "internal_error", "message": "no answer"})
+        # the pool's commit: the same fence, the same settling of a failed commit or a lost lease
+        outcome, result = commit_result(self.td, job, dispatch.options, answer, self.cfg, slot.actor_id,
+                                        self.notifier)
+        if result is not None:  # what Ray added: send + call + answer, beyond the actor's own processing time
+            logger.info("job {} (actor {}): Ray hand-off {:.0f} ms", job.job_id, slot.actor_id,
+                        (time.time() - dispatch.sent_ts - result.processing_time) * 1000)
         self._count(slot, outcome, result)
         return outcome
 
