@@ -47,7 +47,7 @@ from transcribe.core.engine.batched_asr import (
     empty_batch_output,
     run_asr_batch,
 )
-from transcribe.core.engine.funasr_transcriber import Transcriber, build_generate_kwargs, seed_clustering
+from transcribe.core.engine.funasr_transcriber import Transcriber, build_generate_kwargs
 from transcribe.core.engine.patches import after_job
 from transcribe.core.engine.result import Result
 from transcribe.core.errors import TranscribeError, TranscriptionError
@@ -353,16 +353,14 @@ class BatchTranscriber:
         tr, am = self.transcriber, self.model
         self._progress("punc")
         t0 = time.perf_counter()
-        tr._stage_times.clear()
         real = am.inference
         am.inference = Replay(am, job.vad_output, job.utterances, real)
-        seed_clustering(tr.config.funasr.seed)  # as the Transcriber does before FunASR's generate
         try:
-            output = am.generate(input=job.audio.samples, **job.gen_kwargs)
+            output, stages = tr.generate_locked(job.audio.samples, **job.gen_kwargs)
         finally:
             am.inference = real
         elapsed = time.perf_counter() - t0
-        punc = tr._stage_times.get("punc", 0.0)
+        punc = stages.get("punc", 0.0)
         job.timings["punc"] += punc
         job.timings["assemble"] += elapsed - punc
         finished = time.perf_counter()

@@ -282,20 +282,28 @@ class Transcriber:
         CAM++'s estimated count for this call. Returns the output and the seconds spent per stage
         (vad, asr, punc, spk)."""
         with self._lock:
-            self._stage_times.clear()
-            seed_clustering(self.config.funasr.seed)
-            spk_model = self.model.spk_model
             try:
-                if not diarize:
-                    self.model.spk_model = None  # FunASR's test for its speaker stage; restored below
-                if self.clustering is not None:
-                    self.clustering.bounds = speaker_bounds
-                return self.model.generate(input=samples, **kwargs), dict(self._stage_times)
+                return self.generate_locked(samples, diarize=diarize, speaker_bounds=speaker_bounds, **kwargs)
             finally:
-                self.model.spk_model = spk_model
-                if self.clustering is not None:
-                    self.clustering.bounds = None
                 after_job(self.device.device)
+
+    def generate_locked(self, samples: np.ndarray, *, diarize: bool = True,
+                        speaker_bounds: tuple[int, int] | None = None,
+                        **kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """`generate` for a caller that already holds the model's lock (the batch engine's assembly)."""
+        self._stage_times.clear()
+        seed_clustering(self.config.funasr.seed)
+        spk_model = self.model.spk_model
+        try:
+            if not diarize:
+                self.model.spk_model = None  # FunASR's test for its speaker stage; restored below
+            if self.clustering is not None:
+                self.clustering.bounds = speaker_bounds
+            return self.model.generate(input=samples, **kwargs), dict(self._stage_times)
+        finally:
+            self.model.spk_model = spk_model
+            if self.clustering is not None:
+                self.clustering.bounds = None
 
     def warm_up(self) -> float:
         started = time.perf_counter()
