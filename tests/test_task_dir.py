@@ -78,6 +78,16 @@ def test_stem_sidecar_is_accepted(td):
     assert td.options(td.claim_next("w1")).speakers == 3
 
 
+def test_the_scan_and_the_claim_pair_the_same_sidecar_for_a_name_ending_in_a_dot(td):
+    """`talk.` pairs with `talk.json` in the scan (priority, settling): the claim must take that same file, or the
+    job runs without its options and the sidecar is later failed as orphaned."""
+    drop(td, "talk.")
+    sidecar(td, "talk.json", '{"speakers": 3, "priority": 4}')
+    job = td.claim_next("w1")
+    assert job.record.original_name == "talk." and td.options(job).speakers == 3
+    assert not (td.inbox / "talk.json").exists()
+
+
 @pytest.mark.parametrize("content, match", [
     (b"{not json", "not valid JSON"),
     (b'{"speakers": 2, "colour": "red"}', "colour"),

@@ -67,6 +67,15 @@ def check_speakers(n: int) -> int:
 SIDECAR_SUFFIX = ".json"
 
 
+def sidecar_candidates(audio_name: str) -> list[str]:
+    """The names a sidecar of `audio_name` may have, in order: ``<name>.json`` (``talk.wav.json``), then
+    ``<stem>.json`` (``talk.json``); never the audio's own name, never one over NAME_MAX bytes. The one rule
+    the scan, the claim and recovery all use."""
+    stem = audio_name.rsplit(".", 1)[0] if "." in audio_name[1:] else audio_name
+    names = dict.fromkeys((audio_name + SIDECAR_SUFFIX, stem + SIDECAR_SUFFIX))
+    return [n for n in names if n != audio_name and len(os.fsencode(n)) <= NAME_MAX]
+
+
 def name_bytes(name: str) -> bytes:
     return os.fsencode(name)
 

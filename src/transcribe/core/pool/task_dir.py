@@ -60,8 +60,17 @@ from loguru import logger
 
 from transcribe.core.errors import TranscribeError
 from transcribe.core.fault_injection import crash_point
-from transcribe.core.fsio import dumps_json, fsync_dir, loads_json_object, now_iso, printable, read_json_object, write_atomic
+from transcribe.core.fsio import (
+    dumps_json,
+    fsync_dir,
+    loads_json_object,
+    now_iso,
+    printable,
+    read_json_object,
+    write_atomic,
+)
 from transcribe.core.pool.jobs import (
+    SIDECAR_SUFFIX,
     Job,
     JobOptions,
     JobRecord,
@@ -71,12 +80,13 @@ from transcribe.core.pool.jobs import (
     name_to_json,
     new_job_id,
     parse_options,
+    sidecar_candidates,
 )
 
 STATES = ("inbox", "tmp", "processing", "done", "failed")
 JOB_SUFFIX = ".job"  # a requeued or submitted job in inbox/: a directory holding audio + job.json
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", ".json")
-SIDECAR_SUFFIXES = (".json",)
+SIDECAR_SUFFIXES = (SIDECAR_SUFFIX,)
 JOB_FILE, LEASE_FILE, SIDECAR_FILE, ERROR_FILE = "job.json", "lease.json", "sidecar.json", "error.json"
 STATUS_DIR, LEASES_DIR = "workers", "leases"
 TMP_MAX_AGE = 24 * 3600.0  # tmp/ entries older than this are leftovers of a crash, swept by the supervisor
@@ -359,12 +369,8 @@ class TaskDir:
 
     @staticmethod
     def _sidecar_name(audio_name: str, names: dict[str, Any] | set[str]) -> str | None:
-        """``<name>.json`` (``talk.wav.json``), else ``<stem>.json`` (``talk.json``), if present."""
-        stem = audio_name.rsplit(".", 1)[0] if "." in audio_name[1:] else audio_name
-        for cand in (audio_name + ".json", stem + ".json"):
-            if cand != audio_name and cand in names:
-                return cand
-        return None
+        """The first of `sidecar_candidates` present in `names`."""
+        return next((cand for cand in sidecar_candidates(audio_name) if cand in names), None)
 
     def _sidecar_priority(self, side: Path) -> int:
         try:
@@ -383,10 +389,7 @@ class TaskDir:
 
     def sidecar_for(self, audio: Path) -> Path | None:
         """The sidecar file of `audio` in its folder, if there is one (a regular file, not a link)."""
-        stem_side = audio.with_suffix(".json") if audio.suffix else None
-        for cand in (audio.name + ".json", stem_side.name if stem_side else None):
-            if cand is None or cand == audio.name or len(os.fsencode(cand)) > 255:
-                continue
+        for cand in sidecar_candidates(audio.name):
             p = audio.with_name(cand)
             with contextlib.suppress(OSError):
                 if stat.S_ISREG(os.lstat(p).st_mode):
@@ -722,9 +725,8 @@ class TaskDir:
                 self.fail(job, {"reason": "audio_missing", "error_type": "WorkerLost", "retryable": False,
                                 "message": "the job folder holds no audio"})
                 return "failed"
-            side_left = self.inbox / (record.original_name + ".json")
-            if not (job_dir / SIDECAR_FILE).exists() and len(os.fsencode(side_left.name)) <= 255 \
-                    and side_left.is_file():
+            side_left = self.sidecar_for(self.inbox / record.original_name)
+            if side_left is not None and not (job_dir / SIDECAR_FILE).exists():
                 with contextlib.suppress(FileNotFoundError):  # crash between the audio and sidecar renames
                     os.rename(side_left, job_dir / SIDECAR_FILE)
             count = counted(holder) if callable(counted) else counted
