@@ -69,6 +69,10 @@ class FunasrConfig(_Section):
     # fsmn-vad's frame loop reads a host copy of each chunk's scores, not one GPU tensor item per 10 ms
     # frame (src/transcribe/core/engine/fast_vad.py; same segments).
     fast_vad: bool = True
+    # On CUDA, the punctuation model's transformer layers and CAM++ replay CUDA graphs recorded per input
+    # shape instead of launching a few hundred tiny kernels from Python per call (core/engine/cuda_graphs.py;
+    # the same kernels, so the same results). No effect on the CPU or MPS.
+    cuda_graphs: bool = True
     # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
     # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
     # Both bound GPU memory whatever the job's length (an ASR batch: this plus one segment, FunASR's rule).

@@ -115,19 +115,31 @@ def main() -> None:
     text = text_file.read_text(encoding="utf-8")
     gen = build_generate_kwargs(cfg, speakers=2)
 
-    def mode(fast: bool) -> Any:
-        return contextlib.nullcontext() if fast else fast_punc.funasr_own(t.fast_punc)
+    @contextlib.contextmanager
+    def mode(name: str) -> Any:
+        """funasr: FunASR's own loop; fast_punc: the fast path without CUDA graphs; cuda_graphs: both."""
+        for g in t.graphs:
+            g.enabled = name == "cuda_graphs"
+        try:
+            with fast_punc.funasr_own(t.fast_punc) if name == "funasr" else contextlib.nullcontext():
+                yield
+        finally:
+            for g in t.graphs:
+                g.enabled = True
 
-    def punctuate(fast: bool) -> Callable[[], Any]:
+    def punctuate(name: str) -> Callable[[], Any]:
         def call() -> Any:
-            with mode(fast), torch.no_grad():
+            with mode(name), torch.no_grad():
                 return am.inference(text, model=am.punc_model, kwargs=am.punc_kwargs, **gen)[0]
         return call
 
-    modes = {"funasr": punctuate(False), "fast_punc": punctuate(True)}
+    names = ["funasr", "fast_punc"] + (["cuda_graphs"] if t.graphs else [])
+    modes = {m: punctuate(m) for m in names}
     outs = {m: call() for m, call in modes.items()}  # warm-up, and parity
-    same = (outs["funasr"]["text"] == outs["fast_punc"]["text"]
-            and outs["funasr"]["punc_array"].tolist() == outs["fast_punc"]["punc_array"].tolist())
+    if t.graphs:
+        outs["cuda_graphs"] = modes["cuda_graphs"]()  # every length seen twice: replayed from graphs
+    same = all(outs["funasr"]["text"] == o["text"] and outs["funasr"]["punc_array"].tolist() == o["punc_array"].tolist()
+               for o in outs.values())
     tokens = len(outs["funasr"]["punc_array"])
     syncs = {m: count_syncs(a.device, type(am.punc_model), call) for m, call in modes.items()}
     times = alternate(modes, a.repeats, a.device)
@@ -157,20 +169,22 @@ def main() -> None:
         "sentences_s": {m: round(statistics.median(v), 5) for m, v in sentence_times.items()},
         "sentences_syncs": sentence_syncs,
     }
+    report["cuda_graphs"] = {g.name: {"graphs": len(g.graphs), "replays": g.replays,
+                                      "uncapturable": [str(k) for k in g.uncapturable]} for g in t.graphs}
     if a.jobs:
         jobs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         segments: dict[str, list[list[tuple]]] = {m: [] for m in modes}
         for _ in range(a.jobs):
             for name in modes:
                 np.random.seed(0)  # FunASR's k-means (sklearn, random_state=None) uses numpy's global RNG
-                with mode(name == "fast_punc"):
+                with mode(name):
                     r = t.transcribe(path, speakers=2)
                 tm = r.timings
                 jobs[name].append({"generate": tm["generate"], "punc": tm.get("punc", 0.0),
                                    "assembly": tm["generate"] - sum(tm.get(s, 0.0) for s in ("vad", "asr", "punc",
                                                                                              "spk"))})
                 segments[name].append([(s.start, s.end, s.text, s.speaker) for s in r.segments])
-        report["job_parity"] = segments["funasr"] == segments["fast_punc"]
+        report["job_parity"] = all(segments["funasr"] == v for v in segments.values())
         report["job_s"] = {m: {k: round(statistics.median(j[k] for j in v), 4) for k in v[0]}
                            for m, v in jobs.items()}
     print(json.dumps(report, indent=2, ensure_ascii=False))

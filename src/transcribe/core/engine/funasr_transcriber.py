@@ -34,7 +34,7 @@ import numpy as np
 from loguru import logger
 
 from transcribe.config import Config, as_config
-from transcribe.core.engine import fast_punc, model_store
+from transcribe.core.engine import cuda_graphs, fast_punc, model_store
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
 from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager, limit_cpu_threads
 from transcribe.core.engine.fallback import (
@@ -175,6 +175,7 @@ class Transcriber:
                           if config.funasr.fast_punc else None)
         if self.fast_punc is not None:
             self.patches.append(fast_punc.NAME)
+        self.graphs = self._install_cuda_graphs()
         self.clustering = cluster_bounds.install(self.model, version("funasr"))
         if self.clustering is not None:
             self.patches.append(cluster_bounds.NAME)
@@ -247,6 +248,15 @@ class Transcriber:
                         type(spk).__name__)
             return False
         return self.model.spk_kwargs.get("batch_size") == FAST_DIARIZATION_BATCH
+
+    def _install_cuda_graphs(self) -> list[cuda_graphs.ShapeGraphs]:
+        if not self.config.funasr.cuda_graphs or self.device.kind != "cuda":
+            return []
+        graphs = (cuda_graphs.install_punc_graphs(getattr(self.model, "punc_model", None))
+                  + cuda_graphs.install_speaker_graphs(getattr(self.model, "spk_model", None)))
+        if graphs:
+            self.patches.append(f"cuda_graphs({', '.join(g.name for g in graphs)})")
+        return graphs
 
     def _autocast_encoder(self) -> None:
         """Lower precision (funasr.dtype) for the ASR encoder only, through ``torch.autocast``.
