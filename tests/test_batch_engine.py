@@ -55,11 +55,15 @@ def test_job_alone_equals_bare_funasr(engine, bare, name, speakers):  # noqa: F8
         assert len(got) > 3
 
 
-def test_seaco_paraformer_job_alone_equals_bare_funasr(seaco_models, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("overlap", [False, True])
+def test_seaco_paraformer_job_alone_equals_bare_funasr(seaco_models, tmp_path, overlap):  # noqa: F811
+    """With funasr.overlap_stages on (forced on the CPU: the GPU's code path), CAM++ runs on its own
+    thread beside ASR and each batch's BiCif timestamps beside the next batch's decoding: same result."""
     from transcribe.core.engine.funasr_transcriber import Transcriber
 
-    cfg = config_from_dict(model_config(seaco_models), tmp_path)
+    cfg = config_from_dict(model_config(seaco_models, overlap_stages=overlap), tmp_path)
     engine = BatchTranscriber(Transcriber(cfg))
+    assert engine.overlap is overlap
     bare_seaco = AutoModel(model=str(seaco_models["asr"]), vad_model=str(seaco_models["vad"]),
                            punc_model=str(seaco_models["punc"]), spk_model=str(seaco_models["spk"]),
                            device="cpu", ncpu=1, disable_update=True, disable_pbar=True)
@@ -97,7 +101,7 @@ def test_a_failing_batch_is_retried_job_by_job(engine, monkeypatch):
     wide = BatchTranscriber(engine.transcriber, pad_batches=True)  # both jobs' segments in one batch
     poisoned = set(_segment_lengths(wide, podcast))
     batches = []
-    real = be.run_asr_batch
+    real = be.decode_asr_batch
 
     def failing(model, speech, kwargs):
         batches.append(len(speech))
@@ -105,7 +109,7 @@ def test_a_failing_batch_is_retried_job_by_job(engine, monkeypatch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(model, speech, kwargs)
 
-    monkeypatch.setattr(be, "run_asr_batch", failing)
+    monkeypatch.setattr(be, "decode_asr_batch", failing)
     out = wide.transcribe_many([EngineJob(podcast, speakers=2), EngineJob(tts)])
     assert isinstance(out[0], BaseException) and "out of memory" in str(out[0])
     assert segs(out[1]) == alone
@@ -200,3 +204,27 @@ def test_batching_pool_worker_commits_each_job_on_its_own(tiny_models, tmp_path,
     assert got["speakers"] == ["Speaker1", "Speaker2"]
     logs = srv.output() + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
     assert re.search(r"jobs \S+, \S+.* as one batch", logs), "the worker never claimed two jobs at once"
+
+
+def test_timestamps_failing_on_the_side_stream_are_run_again(seaco_models, tmp_path, monkeypatch):  # noqa: F811
+    """A batch whose timestamp step fails on the overlap thread is run again in the caller's thread."""
+    import threading
+
+    import transcribe.core.engine.batch_engine as be
+    from transcribe.core.engine.funasr_transcriber import Transcriber
+
+    cfg = config_from_dict(model_config(seaco_models, overlap_stages=True, seed=0), tmp_path)
+    engine = BatchTranscriber(Transcriber(cfg))
+    path = shared_audio("podcast_2speakers_60s.wav")
+    expected = segs(engine.transcribe(path, speakers=2))
+    real, failed = be.finish_asr_batch, []
+
+    def failing_on_side_thread(batch):
+        if threading.current_thread() is not threading.main_thread() and not failed:
+            failed.append(threading.current_thread().name)
+            raise RuntimeError("simulated failure on the side stream")
+        return real(batch)
+
+    monkeypatch.setattr(be, "finish_asr_batch", failing_on_side_thread)
+    assert segs(engine.transcribe(path, speakers=2)) == expected
+    assert failed and failed[0].startswith("engine-ts")

@@ -73,6 +73,10 @@ class FunasrConfig(_Section):
     # shape instead of launching a few hundred tiny kernels from Python per call (core/engine/cuda_graphs.py;
     # the same kernels, so the same results). No effect on the CPU or MPS.
     cuda_graphs: bool = True
+    # Stages that do not read each other's results run at the same time on their own threads and CUDA
+    # streams (core/engine/side_stream.py): CAM++ beside ASR, an ASR batch's timestamp predictor beside the
+    # next batch's decoding. auto: on CUDA only (on a CPU both are compute-bound on the same cores).
+    overlap_stages: bool | Literal["auto"] = "auto"
     # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
     # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
     # Both bound GPU memory whatever the job's length (an ASR batch: this plus one segment, FunASR's rule).

@@ -44,15 +44,23 @@ from transcribe.core.engine.audio import Audio, load_audio
 from transcribe.core.engine.batched_asr import (
     UtteranceAsr,
     asr_support,
+    decode_asr_batch,
     empty_batch_output,
-    run_asr_batch,
+    finish_asr_batch,
 )
 from transcribe.core.engine.funasr_transcriber import Transcriber, build_generate_kwargs
 from transcribe.core.engine.patches import after_job
 from transcribe.core.engine.result import Result
+from transcribe.core.engine.side_stream import (
+    SideResult,
+    SideStream,
+    keep_for_caller,
+    overlap_enabled,
+)
 from transcribe.core.errors import TranscribeError, TranscriptionError
 
 UNSUPPORTED_OPTIONS = ("merge_vad",)  # inference_with_vad options whose effect the engine does not replay
+MAX_PENDING_TIMESTAMPS = 4  # decoded ASR batches waiting for the timestamp predictor (bounds GPU memory)
 
 
 @dataclass
@@ -121,6 +129,13 @@ class BatchTranscriber:
         self._logged: set[str] = set()
         # FunASR batches ASR segments only off the CPU (on the CPU each segment runs alone).
         self.pad_batches = self.model.kwargs.get("device", "cpu") != "cpu" if pad_batches is None else pad_batches
+        device = transcriber.device.device
+        ncpu = self.config.funasr.ncpu
+        # funasr.overlap_stages: CAM++ beside ASR, and each ASR batch's timestamp predictor beside the next
+        # batch's decoding, on their own threads and CUDA streams (core/engine/side_stream.py)
+        self.overlap = overlap_enabled(self.config.funasr.overlap_stages, device)
+        self._speaker_side = SideStream(device, ncpu, "engine-spk") if self.overlap else None
+        self._timestamp_side = SideStream(device, ncpu, "engine-ts") if self.overlap else None
 
     # -- public API ---------------------------------------------------------------------------------
     def transcribe_many(self, items: Sequence[EngineJob]) -> list[Result | BaseException]:
@@ -173,8 +188,15 @@ class BatchTranscriber:
             if job.ok:
                 self._guard(job, "vad", self._vad, job)
         batched = [j for j in jobs if j.ok and j.fallback is None]
+        diarize = getattr(self.model, "spk_model", None) is not None
+        speakers: SideResult | None = None
+        if diarize and self._speaker_side is not None:  # CAM++ reads only the VAD segments' audio
+            speakers = self._speaker_side.submit(self._speakers, [j for j in batched if j.ok])
         self._asr(batched)
-        if getattr(self.model, "spk_model", None) is not None:
+        if speakers is not None:
+            speakers.get()
+            keep_for_caller(u.spk for j in batched for u in j.utterances if u.spk is not None)
+        elif diarize:
             self._speakers([j for j in batched if j.ok])
         for job in jobs:
             if job.ok and job.fallback is None:
@@ -250,13 +272,42 @@ class BatchTranscriber:
             threshold_ms = int(kwargs.get("batch_size_threshold_s", 60)) * 1000
             by_index = {j.index: j for j in group_jobs}
             self._progress("asr")
+            pending: list[tuple[list[_Utterance], SideResult]] = []
             for batch in funasr_batches(utts, batch_ms if self.pad_batches else 0, threshold_ms):
-                self._run_batch(batch, by_index, "asr", functools.partial(self._asr_batch, kwargs=kwargs))
+                self._run_batch(batch, by_index, "asr", functools.partial(self._asr_batch, kwargs=kwargs,
+                                                                          pending=pending))
+                while len(pending) > MAX_PENDING_TIMESTAMPS:
+                    self._settle_timestamps(pending.pop(0), by_index, kwargs)
+            while pending:
+                self._settle_timestamps(pending.pop(0), by_index, kwargs)
 
-    def _asr_batch(self, batch: list[_Utterance], kwargs: dict[str, Any]) -> None:
-        records = run_asr_batch(self.model.model, [u.samples for u in batch], kwargs)
+    def _asr_batch(self, batch: list[_Utterance], kwargs: dict[str, Any],
+                   pending: list[tuple[list[_Utterance], SideResult]] | None = None) -> None:
+        """One ASR batch; with overlap on, its timestamps and text finish on the side stream (`pending`)."""
+        decoded = decode_asr_batch(self.model.model, [u.samples for u in batch], kwargs)
+        if self._timestamp_side is not None and pending is not None:
+            pending.append((batch, self._timestamp_side.submit(finish_asr_batch, decoded,
+                                                               reads=decoded.device_tensors())))
+            return
+        for u, rec in zip(batch, finish_asr_batch(decoded)):
+            u.asr = rec
+
+    def _settle_timestamps(self, item: tuple[list[_Utterance], SideResult], jobs: dict[int, _Job],
+                           kwargs: dict[str, Any]) -> None:
+        """Take a batch's records from the side stream; if it failed there, run the batch again here (job
+        by job if it fails again, as any batch)."""
+        batch, result = item
+        t0 = time.perf_counter()
+        try:
+            records = result.get()
+        except Exception as e:  # noqa: BLE001 - retried below, where a failure is attributed to its job
+            logger.warning("ASR timestamps of a batch failed on the side stream ({}: {}); running it again",
+                           type(e).__name__, e)
+            self._run_batch(batch, jobs, "asr", functools.partial(self._asr_batch, kwargs=kwargs))
+            return
         for u, rec in zip(batch, records):
             u.asr = rec
+        self._share_time(batch, jobs, "asr", time.perf_counter() - t0)
 
     def _run_batch(self, batch: list[_Utterance], jobs: dict[int, _Job], stage: str,
                    fn: Callable[[list[_Utterance]], None]) -> None:

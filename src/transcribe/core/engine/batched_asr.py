@@ -71,12 +71,44 @@ def empty_batch_output(model: Any) -> list[dict[str, Any]]:
     return [] if type(model).__name__ == "SeacoParaformer" else [{"text": ""}]
 
 
+@dataclass
+class DecodedBatch:
+    """A batch through the encoder, CIF predictor and decoder; the timestamps and text are still to do."""
+
+    model: Any
+    seaco: bool
+    keys: list[str]
+    kwargs: dict[str, Any]
+    n_tokens: list[int]
+    enc_lens: list[int]
+    with_timestamps: bool
+    token_ids: torch.Tensor | None  # host (batch, tokens); None when no utterance has a token
+    encoder_out: torch.Tensor | None = None  # SeACo: the BiCif timestamp predictor's inputs
+    encoder_out_lens: torch.Tensor | None = None
+    pre_token_length: torch.Tensor | None = None
+    ts_alphas: torch.Tensor | None = None  # Paraformer: the predictor's own (alphas, peaks)
+    ts_peaks: torch.Tensor | None = None
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """The tensors `finish_asr_batch` reads on the device (for a caller running it on another stream)."""
+        return [t for t in (self.encoder_out, self.encoder_out_lens, self.pre_token_length, self.ts_alphas,
+                            self.ts_peaks) if t is not None]
+
+
 @torch.no_grad()
 def run_asr_batch(model: Any, speech: Sequence[Any], kwargs: dict[str, Any]) -> list[UtteranceAsr]:
     """ASR on one padded batch of utterances (1-D sample tensors/arrays); one record per utterance."""
-    from funasr.utils import postprocess_utils
+    return finish_asr_batch(decode_asr_batch(model, speech, kwargs))
+
+
+@torch.no_grad()
+def decode_asr_batch(model: Any, speech: Sequence[Any], kwargs: dict[str, Any]) -> DecodedBatch:
+    """FunASR's encoder, CIF predictor and decoder on the batch, in ``inference``'s order; token ids to the host.
+
+    SeACo's BiCif timestamp predictor (``calc_predictor_timestamp``, a bidirectional LSTM stepping frame by
+    frame) reads only the encoder's output and the token counts, not the decoder's: `finish_asr_batch`
+    runs it, so a caller may run it on another CUDA stream while the next batch decodes."""
     from funasr.utils.load_utils import extract_fbank, load_audio_text_image_video
-    from funasr.utils.timestamp_tools import ts_prediction_lfr6_standard
 
     seaco = type(model).__name__ == "SeacoParaformer"
     frontend, tokenizer, device = kwargs["frontend"], kwargs["tokenizer"], kwargs["device"]
@@ -98,29 +130,45 @@ def run_asr_batch(model: Any, speech: Sequence[Any], kwargs: dict[str, Any]) -> 
     enc_lens = encoder_out_lens.tolist()
     with_timestamps = (model.predictor_name == "CifPredictorV3" if seaco
                        else bool(kwargs.get("pred_timestamp", kwargs.get("output_timestamp", False))))
+    batch = DecodedBatch(model, seaco, keys, kwargs, n_tokens, enc_lens, with_timestamps, None)
     if max(n_tokens) < 1:  # FunASR returns before the decoder; each utterance is empty
-        return [UtteranceAsr(_empty_result(key, with_timestamps), 0) for key in keys]
-
-    ts_alphas = ts_peaks = None  # device tensors for the timestamp function, per FunASR's argument order
+        return batch
     if seaco:
         decoder_out = model._seaco_decode_with_ASF(encoder_out, encoder_out_lens, pre_acoustic_embeds,
                                                    pre_token_length, hw_list=model.hotword_list)
         if with_timestamps:
-            _, _, ts_alphas, ts_peaks = model.calc_predictor_timestamp(encoder_out, encoder_out_lens,
-                                                                       pre_token_length)
+            batch.encoder_out, batch.encoder_out_lens = encoder_out, encoder_out_lens
+            batch.pre_token_length = pre_token_length
     else:
         decoder_out = model.cal_decoder_with_predictor(encoder_out, encoder_out_lens, pre_acoustic_embeds,
                                                        pre_token_length)[0]
         if with_timestamps:
-            ts_alphas, ts_peaks = predictor_outs[3], predictor_outs[2]  # (pre_peak_index, alphas), as FunASR
-    token_ids = decoder_out.argmax(dim=-1).cpu()  # one transfer for the whole batch
+            batch.ts_alphas, batch.ts_peaks = predictor_outs[3], predictor_outs[2]  # (pre_peak_index, alphas)
+    batch.token_ids = decoder_out.argmax(dim=-1).cpu()  # one transfer for the whole batch
+    return batch
+
+
+@torch.no_grad()
+def finish_asr_batch(batch: DecodedBatch) -> list[UtteranceAsr]:
+    """The timestamp predictor (SeACo) and FunASR's per-utterance text and timestamps, on host copies."""
+    from funasr.utils import postprocess_utils
+    from funasr.utils.timestamp_tools import ts_prediction_lfr6_standard
+
+    model, seaco, kwargs, n_tokens = batch.model, batch.seaco, batch.kwargs, batch.n_tokens
+    if batch.token_ids is None:
+        return [UtteranceAsr(_empty_result(key, batch.with_timestamps), 0) for key in batch.keys]
+    ts_alphas, ts_peaks = batch.ts_alphas, batch.ts_peaks  # device tensors, in FunASR's argument order
+    if batch.encoder_out is not None:
+        _, _, ts_alphas, ts_peaks = model.calc_predictor_timestamp(batch.encoder_out, batch.encoder_out_lens,
+                                                                   batch.pre_token_length)
     host_alphas = ts_alphas.cpu() if ts_alphas is not None else None
     host_peaks = ts_peaks.cpu() if ts_peaks is not None else None
 
+    tokenizer = kwargs["tokenizer"]
     special = {model.eos, model.sos, model.blank_id}
     out = []
-    for i, key in enumerate(keys):
-        token_int = [t for t in token_ids[i, : n_tokens[i]].tolist() if t not in special]
+    for i, key in enumerate(batch.keys):
+        token_int = [t for t in batch.token_ids[i, : n_tokens[i]].tolist() if t not in special]
         token = tokenizer.ids2tokens(token_int)
         if host_alphas is None:
             if seaco or not hasattr(tokenizer, "bpemodel"):
@@ -129,7 +177,7 @@ def run_asr_batch(model: Any, speech: Sequence[Any], kwargs: dict[str, Any]) -> 
                 text = tokenizer.tokens2text(token)
             out.append(UtteranceAsr({"key": key, "text": text}, n_tokens[i]))
             continue
-        span = _timestamp_span(model, seaco, enc_lens[i], host_alphas.shape[-1], host_peaks.shape[-1])
+        span = _timestamp_span(model, seaco, batch.enc_lens[i], host_alphas.shape[-1], host_peaks.shape[-1])
         a, p = host_alphas[i][:span], host_peaks[i][:span]
         chars = token[:-1] if token and token[-1] == "</s>" else token
         if chars and int((p >= FIRE_THRESHOLD).sum()) != len(chars) + 1:
