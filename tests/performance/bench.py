@@ -195,10 +195,21 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     loop = asyncio.new_event_loop()
     loop.run_until_complete(lock_mode(audio[0][1]))  # warm-up, as (a) and (b) had: the model thread's first call
     for label, path, seconds in audio:
-        wall, _ = median_time(lambda: loop.run_until_complete(lock_mode(path)), args.repeats)
+        # Lock mode against direct calls in turn (direct, lock, direct, lock, ...): drift in the machine's
+        # load or clocks over the run falls on both alike, which timing them in separate blocks does not.
+        direct, locked = [], []
+        for _ in range(max(args.repeats, 3)):
+            for times, call in ((direct, lambda: tr.transcribe(path, speakers=2)),
+                                (locked, lambda: loop.run_until_complete(lock_mode(path)))):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+        wall, base = statistics.median(locked), statistics.median(direct)
         rows.append({"mode": "(c) lock mode", "audio": label, "wall_s": round(wall, 3),
-                     "rtf": round(wall / seconds, 5)})
-        print(f"lock {label}: {wall:.2f}s", flush=True)
+                     "rtf": round(wall / seconds, 5), "direct_call_s": round(base, 3),
+                     "vs_direct_call": round(wall / base - 1, 4)})
+        print(f"lock {label}: {wall:.2f}s; direct calls in turn {base:.2f}s: {100 * (wall / base - 1):+.1f} %",
+              flush=True)
     loop.run_until_complete(at.aclose())
     loop.close()
 
@@ -223,17 +234,23 @@ def run_engine(args: argparse.Namespace, tr: Any, audio: list, bare_out: dict, r
     from transcribe.core.engine.batch_engine import BatchTranscriber, EngineJob
 
     engine = BatchTranscriber(tr)
-    engine.transcribe(audio[0][1], speakers=2)  # warm-up
-    for label, path, seconds in audio:
-        reset_gpu_peak(args.device)
-        wall, result = median_time(lambda: engine.transcribe(path, speakers=2), args.repeats)
-        got = [(s.start, s.end, s.text, s.speaker) for s in result.segments]
-        parity[f"(e) engine / {label}"] = compare(bare_out[label], got)
-        rows.append({"mode": "(e) batch engine, 1 job", "audio": label, "wall_s": round(wall, 3),
-                     "rtf": round(wall / seconds, 5), "stages": result.timings, "gpu_peak_mb": gpu_peak_mb(args.device),
-                     "parity": parity[f"(e) engine / {label}"]["parity"]})
-        print(f"engine {label}: {wall:.2f}s rtf {wall / seconds:.4f} {result.timings} "
-              f"parity={parity[f'(e) engine / {label}']}", flush=True)
+    # with funasr.overlap_stages on (CUDA), the same engine without it too: what the overlap buys
+    variants = [("(e) batch engine, 1 job", engine)]
+    if engine.overlap:
+        variants.append(("(e) batch engine, 1 job, stages in sequence", BatchTranscriber(tr, overlap=False)))
+    for mode, eng in variants:
+        eng.transcribe(audio[0][1], speakers=2)  # warm-up
+        for label, path, seconds in audio:
+            reset_gpu_peak(args.device)
+            wall, result = median_time(lambda: eng.transcribe(path, speakers=2), args.repeats)
+            got = [(s.start, s.end, s.text, s.speaker) for s in result.segments]
+            key = f"{mode} / {label}"
+            parity[key] = compare(bare_out[label], got)
+            rows.append({"mode": mode, "audio": label, "wall_s": round(wall, 3), "rtf": round(wall / seconds, 5),
+                         "stages": result.timings, "gpu_peak_mb": gpu_peak_mb(args.device),
+                         "parity": parity[key]["parity"]})
+            print(f"{mode} {label}: {wall:.2f}s rtf {wall / seconds:.4f} {result.timings} parity={parity[key]}",
+                  flush=True)
     label, path, seconds = audio[-1]
     for n in args.engine_jobs:
         reset_gpu_peak(args.device)
@@ -310,9 +327,22 @@ def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, rep
                "worker_ready_s": sorted(s.get("ready_after_s") for s in statuses),
                "worker_rss_mb": sorted(s.get("rss_mb") for s in statuses)}
         row["claim_latency_ms"] = claim_latencies(root / "tasks")
+        row["job_stages_median_s"] = job_stage_medians(root / "tasks")
         report["rows"].append(row)
         print(f"{mode}: {wall:.1f}s for {audio_total:.0f}s audio = {audio_total / wall:.1f}x realtime; "
               f"ready {ready:.1f}s {row['claim_latency_ms']}", flush=True)
+
+
+def job_stage_medians(task_dir: Path) -> dict[str, float]:
+    """Median seconds per stage over the pool's finished jobs (each result's ``timings``): which stage
+    slows down when the workers share the machine."""
+    from tests.support.pool_helpers import results
+
+    per_stage: dict[str, list[float]] = {}
+    for result in results(task_dir):
+        for stage, seconds in (result.get("timings") or {}).items():
+            per_stage.setdefault(stage, []).append(seconds)
+    return {stage: round(statistics.median(v), 3) for stage, v in per_stage.items()}
 
 
 def claim_latencies(task_dir: Path) -> dict[str, float] | None:
@@ -343,6 +373,10 @@ def print_table(report: dict) -> str:
             notes.append(" ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if k != "decode"))
         if r.get("gpu_peak_mb"):
             notes.append(f"GPU peak {r['gpu_peak_mb']:.0f} MB")
+        if "vs_direct_call" in r:
+            notes.append(f"direct calls in turn {r['direct_call_s']} s: lock mode {100 * r['vs_direct_call']:+.1f} %")
+        if r.get("job_stages_median_s"):
+            notes.append("job stages (median s) " + " ".join(f"{k} {v:.2f}" for k, v in r["job_stages_median_s"].items()))
         if r.get("ready_s") is not None:
             notes.append(f"ready {r['ready_s']}s (workers {r['worker_ready_s']}), claim latency ms "
                          f"{r['claim_latency_ms']}, worker RSS MB {r['worker_rss_mb']}")

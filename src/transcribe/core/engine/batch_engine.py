@@ -119,8 +119,10 @@ class _Job:
 class BatchTranscriber:
     """Many jobs through one `Transcriber`'s loaded model, with the model calls batched across jobs."""
 
-    def __init__(self, transcriber: Transcriber, *, pad_batches: bool | None = None) -> None:
-        """`pad_batches`: ASR segments in padded batches (default: off the CPU only, as FunASR does)."""
+    def __init__(self, transcriber: Transcriber, *, pad_batches: bool | None = None,
+                 overlap: bool | None = None) -> None:
+        """`pad_batches`: ASR segments in padded batches (default: off the CPU only, as FunASR does);
+        `overlap`: stages side by side (default: ``funasr.overlap_stages``)."""
         self.transcriber = transcriber
         self.model = transcriber.model
         self.config = transcriber.config
@@ -133,7 +135,7 @@ class BatchTranscriber:
         ncpu = self.config.funasr.ncpu
         # funasr.overlap_stages: CAM++ beside ASR, and each ASR batch's timestamp predictor beside the next
         # batch's decoding, on their own threads and CUDA streams (core/engine/side_stream.py)
-        self.overlap = overlap_enabled(self.config.funasr.overlap_stages, device)
+        self.overlap = overlap_enabled(self.config.funasr.overlap_stages, device) if overlap is None else overlap
         self._speaker_side = SideStream(device, ncpu, "engine-spk") if self.overlap else None
         self._timestamp_side = SideStream(device, ncpu, "engine-ts") if self.overlap else None
 
