@@ -20,6 +20,7 @@ cache (`result_cache.py`, opt-in) and the runtime device fallback (`fallback.py`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
@@ -34,7 +35,7 @@ import numpy as np
 from loguru import logger
 
 from transcribe.config import Config, as_config
-from transcribe.core.engine import cuda_graphs, fast_punc, model_store
+from transcribe.core.engine import cuda_graphs, fast_punc, model_store, speaker_prefetch
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
 from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager, limit_cpu_threads
 from transcribe.core.engine.fallback import (
@@ -169,6 +170,9 @@ class Transcriber:
         self.load_time = time.perf_counter() - started
         self._stage_times: dict[str, float] = {}
         self._time_stages()
+        self.speaker_overlap = self._overlap_speakers()
+        if self.speaker_overlap is not None:
+            self.patches.append(speaker_prefetch.NAME)
         self._autocast_encoder()
         self.fast_diarization = self._enable_fast_diarization()
         self.fast_punc = (fast_punc.install(getattr(self.model, "punc_model", None), version("funasr"))
@@ -239,6 +243,18 @@ class Transcriber:
 
         self.model.inference = timed
 
+    def _overlap_speakers(self) -> speaker_prefetch.SpeakerOverlap | None:
+        """``funasr.overlap_speakers``: CAM++ embeddings in a background thread while ASR runs
+        (speaker_prefetch.py); wraps the stage timer, so it must come after `_time_stages`."""
+        setting = self.config.funasr.overlap_speakers
+        if getattr(self.model, "spk_model", None) is None or not speaker_prefetch.wanted(setting, self.device.kind):
+            return None
+        if not speaker_prefetch.supported(version("funasr")):
+            logger.info("overlap_speakers not verified for funasr {}: speaker embeddings run in FunASR's loop",
+                        version("funasr"))
+            return None
+        return speaker_prefetch.install(self.model, times=self._stage_times, progress=self._forward_progress)
+
     def _enable_fast_diarization(self) -> bool:
         spk = getattr(self.model, "spk_model", None)
         if spk is None or not self.config.funasr.fast_diarization:
@@ -252,8 +268,11 @@ class Transcriber:
     def _install_cuda_graphs(self) -> list[cuda_graphs.ShapeGraphs]:
         if not self.config.funasr.cuda_graphs or self.device.kind != "cuda":
             return []
+        # With overlap_speakers, CAM++ runs beside the ASR in a background thread, where a graph capture would
+        # meet FunASR's empty_cache() from the main thread (speaker_prefetch.py): CAM++ stays eager there.
+        spk = getattr(self.model, "spk_model", None) if self.speaker_overlap is None else None
         graphs = (cuda_graphs.install_punc_graphs(getattr(self.model, "punc_model", None))
-                  + cuda_graphs.install_speaker_graphs(getattr(self.model, "spk_model", None)))
+                  + cuda_graphs.install_speaker_graphs(spk))
         if graphs:
             self.patches.append(f"cuda_graphs({', '.join(g.name for g in graphs)})")
         return graphs
@@ -309,7 +328,9 @@ class Transcriber:
                 self.model.spk_model = None  # FunASR's test for its speaker stage; restored below
             if self.clustering is not None:
                 self.clustering.bounds = speaker_bounds
-            return self.model.generate(input=samples, **kwargs), dict(self._stage_times)
+            with self.speaker_overlap.job() if self.speaker_overlap is not None else contextlib.nullcontext():
+                output = self.model.generate(input=samples, **kwargs)
+            return output, dict(self._stage_times)  # after the job: the background speaker time is in
         finally:
             self.model.spk_model = spk_model
             if self.clustering is not None:
