@@ -77,10 +77,6 @@ class FunasrConfig(_Section):
     # streams (core/engine/side_stream.py): CAM++ beside ASR, an ASR batch's timestamp predictor beside the
     # next batch's decoding. auto: on CUDA only (on a CPU both are compute-bound on the same cores).
     overlap_stages: bool | Literal["auto"] = "auto"
-    # CAM++ speaker embeddings in a background thread (its own CUDA stream) while the main thread runs the ASR
-    # batches (core/engine/speaker_prefetch.py; the same calls, so the same labels). auto: on CUDA only
-    # (on a CPU both are compute-bound); true: on any device; false: FunASR's loop, one call after each batch.
-    overlap_speakers: bool | Literal["auto"] = "auto"
     # Batch engine (core/engine/batch_engine.py): seconds of audio (padded length x count) per ASR batch
     # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
     # Both bound GPU memory whatever the job's length (an ASR batch: this plus one segment, FunASR's rule).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`funasr.overlap_speakers` on one recording: the Transcriber with it off and on, alternating, medians.
+"""`funasr.overlap_stages` on one recording: the Transcriber with it off and on, alternating, medians.
 
     python tests/performance/overlap_bench.py --size large --device cuda --minutes 10 --out DIR
 
@@ -35,7 +35,7 @@ def main() -> None:
     models, (label, path, seconds) = models_and_recording(a)
     base = {"model": str(models["asr"]), "vad_model": str(models["vad"]), "punc_model": str(models["punc"]),
             "spk_model": str(models["spk"]), "device": a.device, "ncpu": a.ncpu, "seed": 0}
-    engines = {name: Transcriber(config_from_dict({"funasr": {**base, "overlap_speakers": on}}, REPO))
+    engines = {name: Transcriber(config_from_dict({"funasr": {**base, "overlap_stages": on}}, REPO))
                for name, on in (("off", False), ("on", True))}
     runs: dict[str, list] = {name: [] for name in engines}
     for name, t in engines.items():  # warm-up

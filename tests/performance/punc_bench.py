@@ -180,7 +180,7 @@ def main() -> None:
                 with mode(name):
                     r = t.transcribe(path, speakers=2)
                 tm = r.timings
-                # the main thread's share of the speaker stage: with overlap_speakers, its wait for the background
+                # the main thread's share of the speaker stage: with overlap_stages, its wait for the background
                 main_spk = tm.get("spk_wait", tm.get("spk", 0.0))
                 jobs[name].append({"generate": tm["generate"], "punc": tm.get("punc", 0.0),
                                    "assembly": tm["generate"] - main_spk - sum(tm.get(s, 0.0)

@@ -51,6 +51,7 @@ from transcribe.core.engine.patches import (
     patched_model_kwargs,
 )
 from transcribe.core.engine.result import Result, segments_from_funasr
+from transcribe.core.engine.side_stream import overlap_enabled
 from transcribe.core.engine.result_cache import (
     ResultCache,
     cache_key,
@@ -244,16 +245,17 @@ class Transcriber:
         self.model.inference = timed
 
     def _overlap_speakers(self) -> speaker_prefetch.SpeakerOverlap | None:
-        """``funasr.overlap_speakers``: CAM++ embeddings in a background thread while ASR runs
-        (speaker_prefetch.py); wraps the stage timer, so it must come after `_time_stages`."""
-        setting = self.config.funasr.overlap_speakers
-        if getattr(self.model, "spk_model", None) is None or not speaker_prefetch.wanted(setting, self.device.kind):
+        """``funasr.overlap_stages`` for FunASR's own loop: CAM++ embeddings made ahead in a background thread
+        while the ASR batches run (speaker_prefetch.py); wraps the stage timer, so after `_time_stages`."""
+        f = self.config.funasr
+        if getattr(self.model, "spk_model", None) is None or not overlap_enabled(f.overlap_stages, self.device.device):
             return None
         if not speaker_prefetch.supported(version("funasr")):
-            logger.info("overlap_speakers not verified for funasr {}: speaker embeddings run in FunASR's loop",
+            logger.info("overlap_stages not verified for funasr {}: speaker embeddings run in FunASR's loop",
                         version("funasr"))
             return None
-        return speaker_prefetch.install(self.model, times=self._stage_times, progress=self._forward_progress)
+        return speaker_prefetch.install(self.model, times=self._stage_times, progress=self._forward_progress,
+                                        ncpu=f.ncpu)
 
     def _enable_fast_diarization(self) -> bool:
         spk = getattr(self.model, "spk_model", None)
@@ -268,11 +270,8 @@ class Transcriber:
     def _install_cuda_graphs(self) -> list[cuda_graphs.ShapeGraphs]:
         if not self.config.funasr.cuda_graphs or self.device.kind != "cuda":
             return []
-        # With overlap_speakers, CAM++ runs beside the ASR in a background thread, where a graph capture would
-        # meet FunASR's empty_cache() from the main thread (speaker_prefetch.py): CAM++ stays eager there.
-        spk = getattr(self.model, "spk_model", None) if self.speaker_overlap is None else None
         graphs = (cuda_graphs.install_punc_graphs(getattr(self.model, "punc_model", None))
-                  + cuda_graphs.install_speaker_graphs(spk))
+                  + cuda_graphs.install_speaker_graphs(getattr(self.model, "spk_model", None)))
         if graphs:
             self.patches.append(f"cuda_graphs({', '.join(g.name for g in graphs)})")
         return graphs

@@ -1,4 +1,4 @@
-"""CAM++ speaker embeddings computed beside ASR (``funasr.overlap_speakers``), for FunASR 1.4.16.
+"""CAM++ speaker embeddings made beside FunASR's ASR loop (``funasr.overlap_stages``), for FunASR 1.4.16.
 
 FunASR's ``AutoModel.inference_with_vad`` embeds speakers inside its ASR loop: after each ASR batch it
 makes one speaker call per segment of that batch (``sv_chunk`` cuts the segment into 1.5 s windows,
@@ -9,40 +9,36 @@ the VAD call has returned, and most of the ASR time is spent in calls that relea
 `SpeakerOverlap` is an instance-level wrapper of ``AutoModel.inference`` (around the Transcriber's stage
 timer). Within one `Transcriber.generate_locked` call (`job`), when FunASR's VAD call returns with the
 speaker model on, it cuts the segments exactly as ``inference_with_vad`` will (`funasr_segments`: the
-same audio load, the same length sort, the same slices) and starts one background thread that makes,
-segment by segment in that order, the speaker call FunASR will make (``sv_chunk``, then the real
-``AutoModel.inference`` with ``am.spk_kwargs`` and the same options), keeping the results in order.
-Each speaker call FunASR's loop then makes is answered with the next result, waiting for it if needed,
-once it is checked to be the same call (window count and lengths, first and last window, options, the
-same kwargs dict); any difference stops the thread and runs FunASR's call for real from then on
-(logged once). An exception in the background call is raised from the matching speaker call, so the
-job fails exactly as it would have. However the job ends, the thread is cancelled (between segments)
-and joined before ``generate_locked`` returns: no background work outlives its job. It is also joined
-once the last segment's result is handed over, and before any other sub-model call (punctuation), so
-nothing runs beside those.
-
-CUDA graphs (`cuda_graphs.py`): a graph capture asserts in PyTorch's caching allocator if another
-thread empties the cache meanwhile, and FunASR calls ``torch.cuda.empty_cache()`` after every
-``inference`` call (ASR batches in the main thread, speaker calls in the background). So no capture may
-run while both threads work: with the overlap on, CAM++ is not graphed (the Transcriber leaves it out;
-its calls are hidden behind the ASR instead), and the punctuation graphs are captured only after the
-background thread has ended (above).
+same audio load, the same length sort, the same slices) and hands them, in that order, to a
+`SideStream` (side_stream.py: one thread and, on CUDA, one stream of its own), which makes for each the
+speaker call FunASR will make (``sv_chunk``, then the real ``AutoModel.inference`` with ``am.spk_kwargs``
+and the same options). Each speaker call FunASR's loop then makes is answered with the next result,
+waiting for it if needed, once it is checked to be the same call (window count and lengths, first and
+last window, options, the same kwargs dict); any difference stops the thread and runs FunASR's call
+for real from then on (logged once). An exception in a background call is raised from the matching
+speaker call, so the job fails exactly as it would have. However the job ends, the segments not
+started are skipped (a cancel flag checked before each) and the thread is joined before
+``generate_locked`` returns: no background work outlives its job. The thread is also joined once the
+last segment's result is taken, and before any other sub-model call (punctuation).
 
 The speaker calls touch only ``am.spk_kwargs`` (``_merge_runtime_config``) and CAM++; the main
 thread's ASR calls merge into ``am.kwargs``; ``_reset_runtime_configs`` runs only at the start of
 ``inference_with_vad`` and for calls without kwargs, both before the thread starts. Beyond its own
 kwargs, ``AutoModel.inference`` reads only ``am.kwargs["disable_pbar"]`` (true in our build: no tqdm
 bars), one dict read. CAM++ draws no random numbers, so numpy's state (the clustering's) is untouched.
-The thread gets its own copy of the options and the main thread's torch thread count (CPU numerics
-depend on it).
+The thread gets its own copy of the options and the process's thread budget (``funasr.ncpu``, as the
+main thread: CPU numerics depend on it).
 
-On CUDA (CAM++'s parameters on a CUDA device) the background calls run under that device on a side
-stream of their own (``torch.cuda.stream``: the current stream and device are per thread); each result is handed over with an event recorded on the side stream, which
-the main stream waits for before FunASR reads the embeddings, and the embedding tensors are marked in
-use on the main stream (``record_stream``) for the caching allocator. On the CPU neither applies.
-``overlap_speakers: "auto"`` (the default) turns it on for CUDA only: on a small CPU both stages are
-compute-bound and nothing is gained. Timings: the background call time is the ``spk`` stage, as
-before; ``spk_wait`` is how long the main thread waited for an embedding it needed.
+On CUDA (CAM++'s parameters on a CUDA device) the side stream's work starts behind an event on the
+main stream, each result comes back behind an event the main stream waits on (no host wait), and the
+embedding tensors are marked in use on the main stream for the caching allocator (`SideResult.get`,
+`keep_for_caller`). CUDA graphs (cuda_graphs.py): a capture asserts in PyTorch's caching allocator if
+another thread empties the cache meanwhile, and FunASR calls ``torch.cuda.empty_cache()`` after every
+``inference`` call, so the background calls replay CAM++ graphs already recorded but capture none
+(`cuda_graphs.captures_off`), and the punctuation graphs are captured after the thread has ended.
+``"auto"`` turns it on for CUDA only: on a small CPU both stages are compute-bound and nothing is
+gained. Timings: the background call time is the ``spk`` stage, as before; ``spk_wait`` is how long
+the main thread waited for an embedding it needed.
 
 The batch engine is unaffected: its assembly replaces ``am.inference`` with its own `Replay`, which
 answers the VAD and speaker calls itself, so this wrapper sees no VAD call and starts nothing.
@@ -50,22 +46,25 @@ answers the VAD and speaker calls itself, so this wrapper sees no VAD call and s
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from loguru import logger
 
-NAME = "overlap_speakers"
+from transcribe.core.engine import cuda_graphs
+from transcribe.core.engine.side_stream import SideResult, SideStream, keep_for_caller
+
+NAME = "overlap_stages.speakers"
 VERIFIED_FUNASR = ("1.4.16",)  # inference_with_vad's segment order and speaker call, read from this version
-Setting = bool | Literal["auto"]
+THREAD_NAME = "speaker-prefetch"
 
 
 @dataclass(frozen=True)
@@ -95,11 +94,6 @@ def funasr_segments(samples: Any, vad_segments: list[list[Any]], *, frontend: An
     return out
 
 
-def wanted(setting: Setting, device_kind: str) -> bool:
-    """``funasr.overlap_speakers``: "auto" is on for CUDA only."""
-    return device_kind == "cuda" if setting == "auto" else bool(setting)
-
-
 def supported(funasr_version: str) -> bool:
     return funasr_version.split("+")[0] in VERIFIED_FUNASR
 
@@ -112,12 +106,11 @@ class _Embedded:
     first: np.ndarray | None  # copies of the first and last window, to recognise the call
     last: np.ndarray | None
     output: list[dict[str, Any]]
-    ready: Any = None  # CUDA: an event on the side stream after the call's work
 
     @classmethod
-    def of(cls, speech: list[np.ndarray], output: list[dict[str, Any]], ready: Any) -> _Embedded:
+    def of(cls, speech: list[np.ndarray], output: list[dict[str, Any]]) -> _Embedded:
         return cls(tuple(len(w) for w in speech), np.array(speech[0]) if speech else None,
-                   np.array(speech[-1]) if speech else None, output, ready)
+                   np.array(speech[-1]) if speech else None, output)
 
     def same_windows(self, speech: Any) -> bool:
         if not isinstance(speech, list) or tuple(len(w) for w in speech) != self.windows:
@@ -125,48 +118,53 @@ class _Embedded:
         return not speech or (np.array_equal(speech[0], self.first) and np.array_equal(speech[-1], self.last))
 
 
-@dataclass
-class _Failed:
-    error: BaseException
+class _Prefetch:
+    """One job's speaker calls, made ahead on a `SideStream` (one thread, on CUDA one stream) in FunASR's order."""
 
+    def __init__(self, segments: list[Segment], call: Callable[..., list[dict[str, Any]]], spk_model: Any,
+                 spk_kwargs: dict[str, Any], cfg: dict[str, Any], device: str, ncpu: int) -> None:
+        self.segments, self.call, self.spk_model, self.spk_kwargs, self.cfg = segments, call, spk_model, spk_kwargs, cfg
+        self.cancel = threading.Event()  # checked before each segment
+        self.seconds = 0.0  # spent in the speaker calls
+        self.calls = 0
+        self.side = SideStream(device, ncpu, THREAD_NAME)
+        self.pending: collections.deque[SideResult] = collections.deque(
+            self.side.submit(self._embed, seg) for seg in segments)
 
-_END = object()  # the background thread put everything it will put
+    def _embed(self, seg: Segment) -> _Embedded | None:
+        """On the side thread: inference_with_vad's lines for one segment of a batch, ahead of it."""
+        from funasr.models.campplus.utils import sv_chunk
 
+        if self.cancel.is_set():
+            return None
+        windows = sv_chunk([[seg.start_ms / 1000.0, seg.end_ms / 1000.0, np.array(seg.samples)]])
+        speech = [w[2] for w in windows]
+        t0 = time.perf_counter()
+        try:
+            with cuda_graphs.captures_off():  # FunASR's main thread empties the CUDA cache meanwhile
+                output = self.call(speech, input_len=None, model=self.spk_model, kwargs=self.spk_kwargs, **self.cfg)
+        except BaseException:
+            self.cancel.set()  # raised from the matching speaker call; nothing after it
+            raise
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+        return _Embedded.of(speech, output)
 
-class _CudaHandover:
-    """Side-stream execution for the background thread, and the hand-over of its tensors to the main stream."""
+    def next(self) -> _Embedded | None:
+        """The next segment's result (waiting for it; its error raised here), ready for the caller's stream;
+        None when every segment's has been taken."""
+        if not self.pending:
+            return None
+        item = self.pending.popleft().get()
+        if item is not None:
+            keep_for_caller(_tensors(item.output))
+        return item
 
-    def __init__(self, device: Any, side: Any) -> None:
-        import torch
-
-        self.device = device
-        self.side = side
-        self.main = torch.cuda.current_stream(device)  # the job's (main thread's) stream
-
-    def context(self) -> contextlib.AbstractContextManager[Any]:
-        import torch
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(self.device))  # a new thread starts on device 0
-        stack.enter_context(torch.cuda.stream(self.side))
-        return stack
-
-    def after_call(self, output: list[dict[str, Any]]) -> Any:
-        """In the background thread: an event after the call's work; the tensors marked in use on the main stream."""
-        import torch
-
-        for tensor in _tensors(output):
-            if tensor.is_cuda:
-                tensor.record_stream(self.main)
-        event = torch.cuda.Event()
-        event.record(self.side)
-        return event
-
-    def before_use(self, ready: Any) -> None:
-        """In the main thread: the main stream waits for the side stream's work (no host wait)."""
-        import torch
-
-        torch.cuda.current_stream(self.device).wait_event(ready)
+    def stop(self) -> None:
+        """Segments not started are skipped; the one running finishes; the thread is joined."""
+        self.cancel.set()
+        self.side.close()
 
 
 def _tensors(output: list[dict[str, Any]]) -> Iterator[Any]:
@@ -178,54 +176,6 @@ def _tensors(output: list[dict[str, Any]]) -> Iterator[Any]:
                 yield value
 
 
-class _Prefetch:
-    """One job's background thread: the speaker call of every segment, in order, results in a queue."""
-
-    def __init__(self, segments: list[Segment], call: Callable[..., list[dict[str, Any]]], spk_model: Any,
-                 spk_kwargs: dict[str, Any], cfg: dict[str, Any], cuda: _CudaHandover | None) -> None:
-        import torch
-
-        self.segments, self.call, self.spk_model, self.spk_kwargs, self.cfg = segments, call, spk_model, spk_kwargs, cfg
-        self.cuda = cuda
-        self.num_threads = torch.get_num_threads()  # the main thread's; CPU results depend on it
-        self.results: queue.Queue[Any] = queue.Queue()
-        self.cancel = threading.Event()
-        self.seconds = 0.0  # spent in the speaker calls
-        self.calls = 0
-        self.thread = threading.Thread(target=self._run, name="speaker-prefetch", daemon=True)
-
-    def _run(self) -> None:
-        import torch
-        from funasr.models.campplus.utils import sv_chunk
-
-        try:
-            torch.set_num_threads(self.num_threads)
-            with self.cuda.context() if self.cuda is not None else contextlib.nullcontext():
-                for seg in self.segments:
-                    if self.cancel.is_set():
-                        return
-                    # inference_with_vad's lines for one segment of a batch
-                    windows = sv_chunk([[seg.start_ms / 1000.0, seg.end_ms / 1000.0, np.array(seg.samples)]])
-                    speech = [w[2] for w in windows]
-                    t0 = time.perf_counter()
-                    try:
-                        output = self.call(speech, input_len=None, model=self.spk_model, kwargs=self.spk_kwargs,
-                                           **self.cfg)
-                        ready = self.cuda.after_call(output) if self.cuda is not None else None
-                    finally:
-                        self.seconds += time.perf_counter() - t0
-                        self.calls += 1
-                    self.results.put(_Embedded.of(speech, output, ready))
-        except BaseException as e:  # noqa: BLE001 - raised again by the main thread's matching speaker call
-            self.results.put(_Failed(e))
-        finally:
-            self.results.put(_END)
-
-    def stop(self) -> None:
-        self.cancel.set()
-        self.thread.join()
-
-
 @dataclass
 class _Job:
     """One ``generate``: the prefetch started at its VAD call, if any, and how it is going."""
@@ -233,7 +183,6 @@ class _Job:
     prefetch: _Prefetch | None = None
     vad_seen: bool = False
     live: bool = False  # speaker calls are answered from the prefetch
-    answered: int = 0
     waited: float = 0.0
 
     def stop(self) -> None:
@@ -254,12 +203,12 @@ class SpeakerOverlap:
     """
 
     def __init__(self, am: Any, inner: Callable[..., Any], real: Callable[..., Any], *, times: dict[str, float],
-                 progress: Callable[[str], None]) -> None:
+                 progress: Callable[[str], None], ncpu: int) -> None:
         self.am, self.inner, self.real = am, inner, real
         self.times = times
         self.progress = progress
+        self.ncpu = ncpu
         self._job: _Job | None = None
-        self._side_stream: Any = None
         self._warned = False
 
     @contextlib.contextmanager
@@ -281,7 +230,7 @@ class SpeakerOverlap:
     def running(self) -> bool:
         """A background thread is alive (tests: none outlives its job)."""
         job = self._job
-        return job is not None and job.prefetch is not None and job.prefetch.thread.is_alive()
+        return job is not None and job.prefetch is not None and bool(job.prefetch.pending)
 
     def __call__(self, input: Any, input_len: Any = None, model: Any = None, kwargs: Any = None, **cfg: Any) -> Any:
         job, am = self._job, self.am
@@ -310,20 +259,11 @@ class SpeakerOverlap:
                                    audio_fs=cfg.get("fs", am.kwargs.get("fs", 16000)))
         if not segments:
             return
-        p = _Prefetch(segments, self.real, am.spk_model, am.spk_kwargs, copy.deepcopy(cfg), self._cuda())
-        job.prefetch, job.live = p, True
-        p.thread.start()
-
-    def _cuda(self) -> _CudaHandover | None:
-        import torch
-
-        param = next(iter(self.am.spk_model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")  # where CAM++ runs, with its index
-        if device.type != "cuda":
-            return None
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(device=device)
-        return _CudaHandover(device, self._side_stream)
+        param = next(iter(am.spk_model.parameters()), None)
+        device = str(param.device) if param is not None else "cpu"  # where CAM++ runs, with its index
+        job.prefetch = _Prefetch(segments, self.real, am.spk_model, am.spk_kwargs, copy.deepcopy(cfg), device,
+                                 self.ncpu)
+        job.live = True
 
     def _answer(self, job: _Job, speech: Any, input_len: Any, kwargs: Any,
                 cfg: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -332,27 +272,26 @@ class SpeakerOverlap:
         assert p is not None
         self.progress("spk")
         t0 = time.perf_counter()
-        item = p.results.get()
-        job.waited += time.perf_counter() - t0
-        if isinstance(item, _Failed):
+        try:
+            item = p.next()  # the background call's error, if it failed, is raised here
+        except BaseException:
             job.live = False
-            raise item.error
-        if (item is _END or input_len is not None or kwargs is not p.spk_kwargs or not _same_options(cfg, p.cfg)
+            raise
+        finally:
+            job.waited += time.perf_counter() - t0
+        if (item is None or input_len is not None or kwargs is not p.spk_kwargs or not _same_options(cfg, p.cfg)
                 or not item.same_windows(speech)):
-            self._mismatch(job, "more speaker calls than segments" if item is _END else "a different call")
+            self._mismatch(job, "more speaker calls than segments" if item is None else "a different call")
             return None
-        if p.cuda is not None:
-            p.cuda.before_use(item.ready)
-        job.answered += 1
-        if job.answered == len(p.segments):
-            job.end_thread()  # it has put its last result and only ends now (a further call still gets _END)
+        if not p.pending:
+            job.end_thread()  # every segment's result taken: the thread has nothing left to do
         return item.output
 
     def _mismatch(self, job: _Job, what: str) -> None:
         job.stop()
         if not self._warned:
             self._warned = True
-            logger.warning("overlap_speakers: FunASR's speaker calls differ from the prefetched ones ({}); the rest "
+            logger.warning("overlap_stages: FunASR's speaker calls differ from the prefetched ones ({}); the rest "
                            "of such a job's speaker calls run in FunASR's loop", what)
 
 
@@ -363,9 +302,9 @@ def _same_options(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return False
 
 
-def install(am: Any, *, times: dict[str, float], progress: Callable[[str], None]) -> SpeakerOverlap:
+def install(am: Any, *, times: dict[str, float], progress: Callable[[str], None], ncpu: int) -> SpeakerOverlap:
     """Wrap this AutoModel's ``inference`` (what it is now: the stage timer) in a `SpeakerOverlap`."""
     real = functools.partial(type(am).inference, am)
-    overlap = SpeakerOverlap(am, am.inference, real, times=times, progress=progress)
+    overlap = SpeakerOverlap(am, am.inference, real, times=times, progress=progress, ncpu=ncpu)
     am.inference = overlap
     return overlap
