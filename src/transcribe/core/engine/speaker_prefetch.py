@@ -226,12 +226,6 @@ class SpeakerOverlap:
                 self.times["spk"] = self.times.get("spk", 0.0) + p.seconds
                 self.times["spk_wait"] = self.times.get("spk_wait", 0.0) + job.waited
 
-    @property
-    def running(self) -> bool:
-        """A background thread is alive (tests: none outlives its job)."""
-        job = self._job
-        return job is not None and job.prefetch is not None and bool(job.prefetch.pending)
-
     def __call__(self, input: Any, input_len: Any = None, model: Any = None, kwargs: Any = None, **cfg: Any) -> Any:
         job, am = self._job, self.am
         if job is not None and model is not None:
