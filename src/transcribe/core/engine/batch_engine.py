@@ -57,6 +57,7 @@ from transcribe.core.engine.side_stream import (
     keep_for_caller,
     overlap_enabled,
 )
+from transcribe.core.engine.speaker_prefetch import funasr_segments
 from transcribe.core.errors import TranscribeError, TranscriptionError
 
 UNSUPPORTED_OPTIONS = ("merge_vad",)  # inference_with_vad options whose effect the engine does not replay
@@ -222,9 +223,6 @@ class BatchTranscriber:
 
     def _vad(self, job: _Job) -> None:
         """FunASR's VAD call for the job, with the runtime options ``inference_with_vad`` sets."""
-        from funasr.utils.load_utils import load_audio_text_image_video
-        from funasr.utils.vad_utils import slice_padding_audio_samples
-
         am, item = self.model, job.item
         cfg = build_generate_kwargs(self.config, speakers=item.speakers, hotwords=item.hotwords,
                                     batch_size_s=item.batch_size_s)
@@ -250,12 +248,9 @@ class BatchTranscriber:
         job.vad_output = am.inference(job.audio.samples, model=am.vad_model, kwargs=am.vad_kwargs, **cfg)
         job.timings["vad"] += time.perf_counter() - t0
         [vad] = job.vad_output
-        fs = kwargs["frontend"].fs if hasattr(kwargs["frontend"], "fs") else 16000
-        speech = load_audio_text_image_video(job.audio.samples, fs=fs, audio_fs=kwargs.get("fs", 16000))
-        ordered = sorted([(seg, i) for i, seg in enumerate(vad["value"])], key=lambda x: x[0][1] - x[0][0])
-        for seg, i in ordered:
-            [piece], _ = slice_padding_audio_samples(speech, len(speech), [(seg, i)])
-            job.utterances.append(_Utterance(job.index, int(seg[0]), int(seg[1]), piece))
+        for seg in funasr_segments(job.audio.samples, vad["value"], frontend=kwargs["frontend"],
+                                   audio_fs=kwargs.get("fs", 16000)):
+            job.utterances.append(_Utterance(job.index, int(seg.start_ms), int(seg.end_ms), seg.samples))
 
     def _asr(self, jobs: list[_Job]) -> None:
         """ASR over the segments of all jobs, grouped by decoding options, in length-sorted batches."""

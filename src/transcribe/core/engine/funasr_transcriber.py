@@ -20,6 +20,7 @@ cache (`result_cache.py`, opt-in) and the runtime device fallback (`fallback.py`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
@@ -34,7 +35,7 @@ import numpy as np
 from loguru import logger
 
 from transcribe.config import Config, as_config
-from transcribe.core.engine import cuda_graphs, fast_punc, model_store
+from transcribe.core.engine import cuda_graphs, fast_punc, model_store, speaker_prefetch
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
 from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager, limit_cpu_threads
 from transcribe.core.engine.fallback import (
@@ -50,6 +51,7 @@ from transcribe.core.engine.patches import (
     patched_model_kwargs,
 )
 from transcribe.core.engine.result import Result, segments_from_funasr
+from transcribe.core.engine.side_stream import overlap_enabled
 from transcribe.core.engine.result_cache import (
     ResultCache,
     cache_key,
@@ -169,6 +171,9 @@ class Transcriber:
         self.load_time = time.perf_counter() - started
         self._stage_times: dict[str, float] = {}
         self._time_stages()
+        self.speaker_overlap = self._overlap_speakers()
+        if self.speaker_overlap is not None:
+            self.patches.append(speaker_prefetch.NAME)
         self._autocast_encoder()
         self.fast_diarization = self._enable_fast_diarization()
         self.fast_punc = (fast_punc.install(getattr(self.model, "punc_model", None), version("funasr"))
@@ -238,6 +243,19 @@ class Transcriber:
                 times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
 
         self.model.inference = timed
+
+    def _overlap_speakers(self) -> speaker_prefetch.SpeakerOverlap | None:
+        """``funasr.overlap_stages`` for FunASR's own loop: CAM++ embeddings made ahead in a background thread
+        while the ASR batches run (speaker_prefetch.py); wraps the stage timer, so after `_time_stages`."""
+        f = self.config.funasr
+        if getattr(self.model, "spk_model", None) is None or not overlap_enabled(f.overlap_stages, self.device.device):
+            return None
+        if not speaker_prefetch.supported(version("funasr")):
+            logger.info("overlap_stages not verified for funasr {}: speaker embeddings run in FunASR's loop",
+                        version("funasr"))
+            return None
+        return speaker_prefetch.install(self.model, times=self._stage_times, progress=self._forward_progress,
+                                        ncpu=f.ncpu)
 
     def _enable_fast_diarization(self) -> bool:
         spk = getattr(self.model, "spk_model", None)
@@ -309,7 +327,9 @@ class Transcriber:
                 self.model.spk_model = None  # FunASR's test for its speaker stage; restored below
             if self.clustering is not None:
                 self.clustering.bounds = speaker_bounds
-            return self.model.generate(input=samples, **kwargs), dict(self._stage_times)
+            with self.speaker_overlap.job() if self.speaker_overlap is not None else contextlib.nullcontext():
+                output = self.model.generate(input=samples, **kwargs)
+            return output, dict(self._stage_times)  # after the job: the background speaker time is in
         finally:
             self.model.spk_model = spk_model
             if self.clustering is not None:
