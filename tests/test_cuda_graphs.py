@@ -132,7 +132,7 @@ def test_captures_off_replays_recorded_graphs_but_captures_none_in_its_thread():
             for _ in range(3):
                 stack(*large)  # eager: never captured here
             stack(*small)  # replayed: recorded before
-    assert len(wrapper.graphs) == 1 and wrapper.replays == 1
+    assert len(wrapper.graphs) == 1 and wrapper.replays == 2  # its capture's own replay, and the last call
 
 
 @needs_cuda

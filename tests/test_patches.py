@@ -7,7 +7,7 @@ import torch
 from funasr import AutoModel
 
 from transcribe.core.engine import patches
-from transcribe.core.engine.patches import cuda_patch, mps_patch
+from transcribe.core.engine.patches import mps_patch
 
 
 @pytest.fixture
@@ -75,9 +75,8 @@ def test_fallback_env_is_set_and_user_choice_kept(monkeypatch):
     assert not mps_patch.ensure_mps_fallback_env()
 
 
-def test_registry_per_backend(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "empty_cache", torch.cuda.empty_cache)  # restored after the test
-    assert patches.apply_patches("cpu") == [] and patches.apply_patches("cuda:0") == ["cuda.keep_cache"]
+def test_registry_per_backend():
+    assert patches.apply_patches("cpu") == [] and patches.apply_patches("cuda:0") == []
     assert patches.patched_model_kwargs("mps") == {"vad_kwargs": {"device": "cpu"}}
     assert patches.patched_model_kwargs("cuda:1") == {}
 
@@ -101,32 +100,3 @@ def test_mps_cache_emptied_after_each_job(monkeypatch):
     patches.after_job("mps")
     patches.after_job("cpu")
     assert calls == [1]
-
-
-def test_cuda_patch_skips_only_funasrs_empty_cache_per_call(monkeypatch):
-    """FunASR's AutoModel.inference empties the CUDA cache after every call; only that call is skipped."""
-    import inspect
-
-    from funasr import AutoModel
-
-    assert "torch.cuda.empty_cache()" in inspect.getsource(AutoModel.inference)  # what the patch is for
-    calls = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("emptied"))
-    assert cuda_patch.apply("1.4.16") == ["cuda.keep_cache"]
-    wrapped = torch.cuda.empty_cache
-    assert cuda_patch.apply("1.4.16") == ["cuda.keep_cache"] and torch.cuda.empty_cache is wrapped  # once
-    exec("import torch\ntorch.cuda.empty_cache()", {"__name__": cuda_patch.CALLER_MODULE})
-    assert calls == []
-    from transcribe.core.engine.fallback import release_device_memory
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    release_device_memory("cuda:0")  # the out-of-memory fallback still frees the cache
-    torch.cuda.empty_cache()
-    assert calls == ["emptied", "emptied"]
-
-
-def test_cuda_patch_leaves_unverified_funasr_alone(monkeypatch):
-    original = torch.cuda.empty_cache
-    monkeypatch.setattr(torch.cuda, "empty_cache", original)
-    assert cuda_patch.apply("1.5.0") == [] and cuda_patch.plan("1.5.0") == []
-    assert torch.cuda.empty_cache is original

@@ -3,8 +3,7 @@
 A backend module exposes ``NAME``, ``plan(funasr_version)`` and ``apply(funasr_version)`` (idempotent),
 both returning patch names,
 ``model_kwargs(device) -> dict`` (AutoModel arguments that backend needs) and ``after_job()``.
-MPS needs FunASR to run there at all; CUDA keeps its memory cache across FunASR's calls; the CPU runs
-FunASR as it is.
+Only MPS needs anything today; CUDA and CPU run FunASR as it is.
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ from importlib.metadata import version
 from types import ModuleType
 from typing import Any
 
-from transcribe.core.engine.patches import cuda_patch, mps_patch
+from transcribe.core.engine.patches import mps_patch
 
-_BACKENDS: dict[str, ModuleType] = {mps_patch.NAME: mps_patch, cuda_patch.NAME: cuda_patch}
+_BACKENDS: dict[str, ModuleType] = {mps_patch.NAME: mps_patch}
 
 
 def _backend(device: str) -> ModuleType | None:
