@@ -120,7 +120,8 @@ def run_single_process(args: argparse.Namespace, models: dict[str, Path], audio:
     cfg = config_from_dict({"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                                        "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
                                        "device": device, "ncpu": args.ncpu, "batch_size_s": 300, "seed": args.seed,
-                                       "engine_batch_s": args.engine_batch_s}}, REPO)
+                                       "engine_batch_s": args.engine_batch_s,
+                                       "engine_spk_batch": args.engine_spk_batch}}, REPO)
     gen = build_generate_kwargs(cfg, speakers=2)
     rows, parity = [], {}
 
@@ -312,7 +313,8 @@ def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, rep
         cfg = {"funasr": {"model": str(models["asr"]), "vad_model": str(models["vad"]),
                           "punc_model": str(models["punc"]), "spk_model": str(models["spk"]),
                           "device": args.device, "ncpu": max(1, min(args.ncpu, (os.cpu_count() or 1) // n)),
-                          "engine_batch_s": args.engine_batch_s},
+                          "engine_batch_s": args.engine_batch_s,
+                          "engine_spk_batch": args.engine_spk_batch},
                "pool": {"task_dir": "tasks", "workers": n, "heartbeat_timeout": 300, "keep_audio": True,
                         "settle_seconds": 1.0, "batch_jobs": batch},
                "output": {"formats": ["json"]}, "logging": {"dir": "logs"}}
@@ -325,7 +327,8 @@ def run_pool(args: argparse.Namespace, models: dict[str, Path], audio: list, rep
         row = {"mode": mode, "audio": f"{len(jobs)} jobs, {audio_total / 60:.0f} min", "wall_s": round(wall, 3),
                "x_realtime": round(audio_total / wall, 1), "ready_s": round(ready, 2),
                "worker_ready_s": sorted(s.get("ready_after_s") for s in statuses),
-               "worker_rss_mb": sorted(s.get("rss_mb") for s in statuses)}
+               "worker_rss_mb": sorted(s.get("rss_mb") for s in statuses),
+               "worker_gpu_peak_mb": sorted(s.get("gpu_peak_mb") or 0 for s in statuses)}
         row["claim_latency_ms"] = claim_latencies(root / "tasks")
         row["job_stages_median_s"] = job_stage_medians(root / "tasks")
         report["rows"].append(row)
@@ -397,6 +400,7 @@ def main() -> None:
     ap.add_argument("--pool-jobs", type=int, default=6)
     ap.add_argument("--engine-jobs", default="4", help="(f): jobs batched together in one engine call, e.g. 4,8")
     ap.add_argument("--engine-batch-s", type=int, default=300, help="funasr.engine_batch_s for (f) and (g)")
+    ap.add_argument("--engine-spk-batch", type=int, default=512, help="funasr.engine_spk_batch (CAM++ windows per call)")
     ap.add_argument("--seed", type=int, default=0, help="funasr.seed, and numpy's seed before each bare call")
     ap.add_argument("--cuda-mps", default="", help="pool.cuda_mps values to time every pool row with, e.g. false,auto")
     ap.add_argument("--engine-pool", default="", help="(g): pools of batching workers as WORKERS:BATCH_JOBS, e.g. 1:8,2:4")

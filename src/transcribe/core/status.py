@@ -92,6 +92,7 @@ def _worker_row(w: dict[str, Any], age: float, now: float, heartbeat_timeout: fl
         "job_stage": w.get("job_stage") if w.get("job") else None,
         "jobs_done": w.get("jobs_done", 0), "jobs_failed": w.get("jobs_failed", 0),
         "mean_rtf": w.get("mean_rtf"), "heartbeat_age_s": round(age, 1), "rss_mb": w.get("rss_mb"),
+        "gpu_reserved_mb": w.get("gpu_reserved_mb"), "gpu_peak_mb": w.get("gpu_peak_mb"),
     }
 
 

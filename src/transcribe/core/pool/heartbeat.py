@@ -46,6 +46,8 @@ class WorkerStatus:
     rtf_sum: float = 0.0
     audio_seconds: float = 0.0
     rss_mb: float = 0.0
+    gpu_reserved_mb: float | None = None  # CUDA memory PyTorch holds now, and the most it held (None off CUDA)
+    gpu_peak_mb: float | None = None
     error: dict[str, Any] | None = None
     patches: list[str] = field(default_factory=list)
     cuda_mps_pipe_dir: str | None = None  # the MPS daemon this process's CUDA reaches (CUDA_MPS_PIPE_DIRECTORY)
@@ -84,6 +86,15 @@ def current_rss_mb() -> float:
     except OSError:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def cuda_memory_mb() -> tuple[float, float] | None:
+    """(reserved now, peak reserved) of this process's CUDA caching allocator, or None where CUDA is unused.
+    torch is not imported for it: a worker that has not imported it has no CUDA memory."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return (round(torch.cuda.memory_reserved() / 2**20, 1), round(torch.cuda.max_memory_reserved() / 2**20, 1))
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -198,6 +209,9 @@ class Heartbeat(threading.Thread):
                          self.status.job, self.progress_age())
             return
         self.status.rss_mb = round(current_rss_mb(), 1)
+        gpu = cuda_memory_mb()
+        if gpu is not None:
+            self.status.gpu_reserved_mb, self.status.gpu_peak_mb = gpu
         try:
             write_atomic(self.path, self.status.to_json(), self.staging, 0o640)
         except OSError as e:  # a full disk must not kill the worker; the stale mtime will tell
