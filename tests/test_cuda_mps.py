@@ -205,6 +205,27 @@ def test_auto_on_cuda_keeps_two_per_gpu_on_few_cores_and_fits_host_memory():
     assert len(plan.devices) == 1
 
 
+def test_auto_on_cuda_fits_the_cards_memory():
+    """A worker that runs out of GPU memory falls back to the CPU: auto plans 4 GiB of the card per worker."""
+    plan = plan_pool(_cfg(), ["cuda:0", "cpu"], cpu_count=32, mem_available=lambda: 512 * GIB, gpu_memory=24 * GIB)
+    assert (len(plan.devices), plan.ncpu) == (6, 5)
+    plan = plan_pool(_cfg(), ["cuda:0", "cuda:1", "cpu"], cpu_count=32, mem_available=lambda: 512 * GIB,
+                     gpu_memory=24 * GIB)
+    assert plan.devices == ["cuda:0", "cuda:1"] * 6
+    plan = plan_pool(_cfg(), ["cuda:0", "cpu"], cpu_count=16, mem_available=lambda: 512 * GIB, gpu_memory=80 * GIB)
+    assert len(plan.devices) == 16  # an H100: the 16 per GPU measured best
+    plan = plan_pool(_cfg(), ["cuda:0", "cpu"], cpu_count=16, mem_available=lambda: 512 * GIB, gpu_memory=2 * GIB)
+    assert len(plan.devices) == 1
+
+
+def test_the_device_probe_reports_devices_and_card_memory():
+    from transcribe.core.pool.supervisor import probe_devices
+
+    probe = probe_devices()  # a real subprocess importing torch, as the supervisor runs it
+    assert probe.devices[-1] == "cpu"
+    assert (probe.gpu_memory is None) == (not any(d.startswith("cuda") for d in probe.devices))
+
+
 def test_an_explicit_ncpu_is_kept():
     plan = _plan(_cfg(ncpu=2), ["cuda:0", "cpu"], 16)
     assert (len(plan.devices), plan.ncpu) == (16, None)

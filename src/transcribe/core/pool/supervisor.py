@@ -347,20 +347,41 @@ class PoolCore:
             self._send(proc.pid, sig)
 
 
-def probe_devices() -> list[str]:
+@dataclass(frozen=True)
+class DeviceProbe:
+    """What torch sees: the usable devices, best first, and the smallest CUDA card's memory (None: no CUDA)."""
+
+    devices: list[str]
+    gpu_memory: int | None = None
+
+
+PROBE_CODE = """
+import json, torch
+from transcribe.core.engine.device_manager import DeviceManager as D
+devices = D.detect_available_devices()
+cards = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())
+         if f"cuda:{i}" in devices]
+print(json.dumps({"devices": devices, "gpu_memory": min(cards) if cards else None}))
+"""
+
+
+def probe_devices() -> DeviceProbe:
     """What torch sees, asked of a subprocess so the supervisor never initialises a GPU backend."""
-    code = "import json; from transcribe.core.engine.device_manager import DeviceManager as D; " \
-           "print(json.dumps(D.detect_available_devices()))"
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        out = subprocess.run([sys.executable, "-c", PROBE_CODE], capture_output=True, text=True, timeout=120,
+                             check=True)
+        found = json.loads(out.stdout.strip().splitlines()[-1])
+        return DeviceProbe(list(found["devices"]), found.get("gpu_memory"))
+    except (subprocess.SubprocessError, ValueError, IndexError, KeyError, TypeError) as e:
         logger.warning("device probe failed ({}); planning for cpu", e)
-        return ["cpu"]
+        return DeviceProbe(["cpu"])
 
 
 GIB = 2**30
 WORKER_MEMORY = 4 * GIB  # host memory per CUDA worker that "auto" plans for (a large-model worker: ~3.2 GB RSS)
+# GPU memory per CUDA worker that "auto" plans for: 16 large-model workers on an H100 under CUDA MPS peaked at
+# 54 GB together (69 GB with pool.batch_jobs 2); a worker that runs out falls back to the CPU, far slower
+GPU_WORKER_MEMORY = 4 * GIB
 MAX_WORKERS_PER_GPU = 16
 
 
@@ -387,13 +408,15 @@ def mem_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
 
 
 def plan_pool(cfg: Config, available: list[str], cpu_count: int | None = None,
-              mem_available: Callable[[], int | None] = mem_available_bytes) -> PoolPlan:
+              mem_available: Callable[[], int | None] = mem_available_bytes,
+              gpu_memory: int | None = None) -> PoolPlan:
     """The pool's workers and their devices.
 
     - ``pool.devices`` given: one worker per entry (``pool.workers`` then only checks the count).
     - Several GPUs and a CUDA-bound config: workers are spread round-robin over cuda:0..k-1.
-    - ``pool.workers: "auto"``: on CUDA one worker per CPU core, 2 to 16 per GPU, and no more than
-      MemAvailable // 4 GiB; each then gets cores // workers CPU threads unless ``funasr.ncpu`` is set.
+    - ``pool.workers: "auto"``: on CUDA one worker per CPU core, 2 to 16 per GPU, no more than
+      MemAvailable // 4 GiB, nor than the smallest card's memory (`gpu_memory`) // 4 GiB per GPU; each
+      then gets cores // workers CPU threads unless ``funasr.ncpu`` is set.
       Else 1 on MPS; else cores // funasr.ncpu (at least 1).
     """
     p, f = cfg.pool, cfg.funasr
@@ -410,6 +433,8 @@ def plan_pool(cfg: Config, available: list[str], cpu_count: int | None = None,
             mem = mem_available()
             if mem is not None:
                 n = min(n, max(1, mem // WORKER_MEMORY))
+            if gpu_memory is not None:
+                n = min(n, max(1, gpu_memory // GPU_WORKER_MEMORY) * len(gpus))
             if "ncpu" not in f.model_fields_set:
                 ncpu = max(1, cores // n)
         elif "mps" in available and f.device in ("auto", "mps"):
@@ -487,7 +512,8 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         self.td.recover_all("supervisor_restart", "the previous supervisor stopped while the job ran",
                             keep_audio=self.cfg.pool.keep_audio)
-        plan = plan_pool(self.cfg, probe_devices() if self._needs_probe(self.cfg) else ["cpu"])
+        probe = probe_devices() if self._needs_probe(self.cfg) else DeviceProbe(["cpu"])
+        plan = plan_pool(self.cfg, probe.devices, gpu_memory=probe.gpu_memory)
         self.worker_ncpu[0] = plan.ncpu
         self.core = core = PoolCore(plan.devices, PoolParams.from_config(self.cfg), spawn=self._spawn,
                                     send=self._send, read_status=self._status_of)
@@ -611,7 +637,8 @@ class Supervisor:
 
         try:
             cfg = load_config(self.config_path, overrides=self.overrides)
-            plan = plan_pool(cfg, probe_devices() if self._needs_probe(cfg) else ["cpu"])
+            probe = probe_devices() if self._needs_probe(cfg) else DeviceProbe(["cpu"])
+            plan = plan_pool(cfg, probe.devices, gpu_memory=probe.gpu_memory)
         except ConfigError as e:
             logger.error("SIGHUP: config not reloaded: {}", e.message)
             return
