@@ -67,14 +67,21 @@ def test_seaco_paraformer_job_alone_equals_bare_funasr(seaco_models, tmp_path, o
     bare_seaco = AutoModel(model=str(seaco_models["asr"]), vad_model=str(seaco_models["vad"]),
                            punc_model=str(seaco_models["punc"]), spk_model=str(seaco_models["spk"]),
                            device="cpu", ncpu=1, disable_update=True, disable_pbar=True)
-    calls = []
+    import threading
+
+    calls, spk_threads = [], []
     real = engine.model.model.calc_predictor_timestamp
-    engine.model.model.calc_predictor_timestamp = lambda *a: calls.append(1) or real(*a)
+    engine.model.model.calc_predictor_timestamp = lambda *a: calls.append(threading.current_thread().name) or real(*a)
+    spk = engine.model.spk_model
+    spk.forward = lambda *a, real_spk=spk.forward: spk_threads.append(threading.current_thread().name) or real_spk(*a)
     for name in ("podcast_2speakers_60s.wav", "espeak_zh_en_30s.wav"):
         path = shared_audio(name)
         got = segs(engine.transcribe(path, speakers=2))
         assert calls, "the batched SeACo path (BiCif timestamps) did not run"
         assert got == expected_segments(bare_seaco, cfg, path, speakers=2) and len(got) > 3
+    # where each stage ran: on the side threads with the overlap on, in the caller's thread without it
+    assert all(n.startswith("engine-ts") == overlap for n in calls)
+    assert spk_threads and all(n.startswith("engine-spk") == overlap for n in spk_threads)
 
 
 def test_jobs_together_each_get_their_own_result_and_failure(engine, transcriber, tmp_path):
@@ -228,3 +235,24 @@ def test_timestamps_failing_on_the_side_stream_are_run_again(seaco_models, tmp_p
     monkeypatch.setattr(be, "finish_asr_batch", failing_on_side_thread)
     assert segs(engine.transcribe(path, speakers=2)) == expected
     assert failed and failed[0].startswith("engine-ts")
+
+
+def test_speaker_embeddings_failing_on_the_side_thread_are_run_again(seaco_models, tmp_path, monkeypatch):  # noqa: F811
+    """A failure of the speaker side thread itself (outside any one batch's guard) is retried in the caller."""
+    from transcribe.core.engine.funasr_transcriber import Transcriber
+
+    cfg = config_from_dict(model_config(seaco_models, overlap_stages=True, seed=0), tmp_path)
+    engine = BatchTranscriber(Transcriber(cfg))
+    path = shared_audio("podcast_2speakers_60s.wav")
+    expected = segs(engine.transcribe(path, speakers=2))
+    real, failed = engine._speakers, []
+
+    def failing_once(jobs):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("simulated failure of the speaker thread")
+        return real(jobs)
+
+    monkeypatch.setattr(engine, "_speakers", failing_once)
+    assert segs(engine.transcribe(path, speakers=2)) == expected and failed
+    engine.close()

@@ -165,3 +165,30 @@ def test_transcriber_on_cuda_with_graphs_equals_without(tiny_models, tmp_path):
     eager = tr.transcribe(path, speakers=2)
     assert first.segments and first.segments == second.segments == eager.segments
     assert first.text == eager.text
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_module_on_the_second_gpu_is_recorded_there():
+    """A worker on cuda:1 keeps cuda:0 as its current device: graphs must still record cuda:1's kernels."""
+    assert torch.cuda.current_device() == 0
+    stack = _Stack().to("cuda:1").eval()
+    wrapper = cuda_graphs.wrap(stack, "stack")
+    mask = torch.ones(1, 5, 1, device="cuda:1")
+    with torch.no_grad():
+        xs = [torch.randn(1, 5, 8, device="cuda:1") for _ in range(4)]
+        got = [stack(x, mask)[0] for x in xs]
+        expected = [stack.__class__.forward(stack, x, mask)[0] for x in xs]
+    assert wrapper.replays == 3 and not wrapper.uncapturable
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_side_stream_on_the_second_gpu_orders_against_that_gpus_stream():
+    from transcribe.core.engine.side_stream import SideStream
+
+    side = SideStream("cuda:1", 1, "test-side")
+    x = torch.randn(2048, 2048, device="cuda:1")
+    y = x @ x  # queued on cuda:1's current stream; the side work must start after it
+    result = side.submit(lambda t: (t @ t).sum(), y, reads=[y]).get()
+    assert torch.equal(result.cpu(), (y @ y).sum().cpu())
+    side.close()

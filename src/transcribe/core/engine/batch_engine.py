@@ -10,10 +10,13 @@ in parallel only time-slice the card. The engine splits the pipeline at the mode
 1. decode every job (threads), then run FunASR's VAD call per job;
 2. ASR over the speech segments of *all* jobs, length-sorted, in padded batches of at most
    ``funasr.engine_batch_s`` seconds (the job's own ``batch_size_s`` when it runs alone, so a lone job
-   is batched exactly as FunASR batches it), through `batched_asr.run_asr_batch` (FunASR's own model
-   modules; the per-utterance Python on host copies);
+   is batched exactly as FunASR batches it), through `batched_asr.decode_asr_batch` and
+   `finish_asr_batch` (FunASR's own model modules; the per-utterance Python on host copies); with
+   ``funasr.overlap_stages`` on (CUDA), each batch's BiCif timestamps and text finish on a side thread
+   and CUDA stream while the next batch decodes (side_stream.py);
 3. CAM++ on every 1.5 s window of every segment of every job, ``funasr.engine_spk_batch`` windows
    per forward call, features computed in CPU threads (a job alone: FunASR's calls, segment by segment);
+   with the overlap on, on its own side thread and stream while step 2 runs;
 4. per job, FunASR's own ``inference_with_vad`` *replays* those results: its calls to the VAD, ASR
    and speaker models are answered from step 1-3 in the order it makes them, while punctuation,
    timestamp merging, sentence splitting, clustering and every other line of its assembly run as
@@ -42,6 +45,7 @@ from loguru import logger
 
 from transcribe.core.engine.audio import Audio, load_audio
 from transcribe.core.engine.batched_asr import (
+    DecodedBatch,
     UtteranceAsr,
     asr_support,
     decode_asr_batch,
@@ -90,6 +94,15 @@ class _Utterance:
     @property
     def length_ms(self) -> int:
         return self.end_ms - self.start_ms
+
+
+@dataclass
+class _PendingTimestamps:
+    """A decoded ASR batch whose timestamps and text are being finished on the side stream."""
+
+    batch: list[_Utterance]
+    decoded: DecodedBatch
+    result: SideResult
 
 
 @dataclass
@@ -195,15 +208,34 @@ class BatchTranscriber:
         speakers: SideResult | None = None
         if diarize and self._speaker_side is not None:  # CAM++ reads only the VAD segments' audio
             speakers = self._speaker_side.submit(self._speakers, [j for j in batched if j.ok])
-        self._asr(batched)
-        if speakers is not None:
-            speakers.get()
-            keep_for_caller(u.spk for j in batched for u in j.utterances if u.spk is not None)
-        elif diarize:
+        try:
+            self._asr(batched)
+        finally:  # the side thread is done with the model before this returns, whatever happened
+            if speakers is not None:
+                self._settle_speakers(speakers, batched)
+        if diarize and speakers is None:
             self._speakers([j for j in batched if j.ok])
         for job in jobs:
             if job.ok and job.fallback is None:
                 self._guard(job, "assemble", self._assemble, job)
+
+    def _settle_speakers(self, speakers: SideResult, jobs: list[_Job]) -> None:
+        """Wait for the side thread's embeddings; if it failed there (outside any one job's batch), embed
+        again here, where a failure is attributed to its job."""
+        try:
+            speakers.get()
+        except Exception as e:  # noqa: BLE001 - retried below, batch by batch with the usual guard
+            logger.warning("speaker embeddings failed on the side stream ({}: {}); running them again",
+                           type(e).__name__, e)
+            self._speakers([j for j in jobs if j.ok])
+            return
+        keep_for_caller(u.spk for j in jobs for u in j.utterances if u.spk is not None)
+
+    def close(self) -> None:
+        """Stop the side threads (an engine kept for a process's life need not)."""
+        for side in (self._speaker_side, self._timestamp_side):
+            if side is not None:
+                side.close()
 
     def _guard(self, job: _Job, stage: str, fn: Callable[..., Any], *args: Any) -> None:
         try:
@@ -269,42 +301,49 @@ class BatchTranscriber:
             threshold_ms = int(kwargs.get("batch_size_threshold_s", 60)) * 1000
             by_index = {j.index: j for j in group_jobs}
             self._progress("asr")
-            pending: list[tuple[list[_Utterance], SideResult]] = []
-            for batch in funasr_batches(utts, batch_ms if self.pad_batches else 0, threshold_ms):
-                self._run_batch(batch, by_index, "asr", functools.partial(self._asr_batch, kwargs=kwargs,
-                                                                          pending=pending))
-                while len(pending) > MAX_PENDING_TIMESTAMPS:
-                    self._settle_timestamps(pending.pop(0), by_index, kwargs)
-            while pending:
-                self._settle_timestamps(pending.pop(0), by_index, kwargs)
+            pending: list[_PendingTimestamps] = []
+            try:
+                for batch in funasr_batches(utts, batch_ms if self.pad_batches else 0, threshold_ms):
+                    self._run_batch(batch, by_index, "asr", functools.partial(self._asr_batch, kwargs=kwargs,
+                                                                              pending=pending))
+                    while len(pending) > MAX_PENDING_TIMESTAMPS:
+                        self._settle_timestamps(pending.pop(0), by_index)
+            finally:  # taken (or waited for) before this returns, whatever happened
+                while pending:
+                    self._settle_timestamps(pending.pop(0), by_index)
 
     def _asr_batch(self, batch: list[_Utterance], kwargs: dict[str, Any],
-                   pending: list[tuple[list[_Utterance], SideResult]] | None = None) -> None:
+                   pending: list[_PendingTimestamps] | None = None) -> None:
         """One ASR batch; with overlap on, its timestamps and text finish on the side stream (`pending`)."""
         decoded = decode_asr_batch(self.model.model, [u.samples for u in batch], kwargs)
         if self._timestamp_side is not None and pending is not None:
-            pending.append((batch, self._timestamp_side.submit(finish_asr_batch, decoded,
-                                                               reads=decoded.device_tensors())))
+            result = self._timestamp_side.submit(finish_asr_batch, decoded, reads=decoded.device_tensors())
+            pending.append(_PendingTimestamps(batch, decoded, result))
             return
         for u, rec in zip(batch, finish_asr_batch(decoded)):
             u.asr = rec
 
-    def _settle_timestamps(self, item: tuple[list[_Utterance], SideResult], jobs: dict[int, _Job],
-                           kwargs: dict[str, Any]) -> None:
-        """Take a batch's records from the side stream; if it failed there, run the batch again here (job
-        by job if it fails again, as any batch)."""
-        batch, result = item
+    def _settle_timestamps(self, item: _PendingTimestamps, jobs: dict[int, _Job]) -> None:
+        """Take a batch's records from the side stream; if it failed there, finish the decoded batch here
+        (job by job if it fails again, as any batch)."""
         t0 = time.perf_counter()
         try:
-            records = result.get()
+            records = item.result.get()
         except Exception as e:  # noqa: BLE001 - retried below, where a failure is attributed to its job
-            logger.warning("ASR timestamps of a batch failed on the side stream ({}: {}); running it again",
+            logger.warning("ASR timestamps of a batch failed on the side stream ({}: {}); finishing it here",
                            type(e).__name__, e)
-            self._run_batch(batch, jobs, "asr", functools.partial(self._asr_batch, kwargs=kwargs))
+            self._run_batch(item.batch, jobs, "asr", functools.partial(self._finish_here, item.decoded))
             return
-        for u, rec in zip(batch, records):
+        for u, rec in zip(item.batch, records):
             u.asr = rec
-        self._share_time(batch, jobs, "asr", time.perf_counter() - t0)
+        self._share_time(item.batch, jobs, "asr", time.perf_counter() - t0)
+
+    def _finish_here(self, decoded: DecodedBatch, batch: list[_Utterance]) -> None:
+        if len(batch) != len(decoded.keys):  # job by job after a second failure: those segments from the start
+            self._asr_batch(batch, decoded.kwargs)
+            return
+        for u, rec in zip(batch, finish_asr_batch(decoded)):
+            u.asr = rec
 
     def _run_batch(self, batch: list[_Utterance], jobs: dict[int, _Job], stage: str,
                    fn: Callable[[list[_Utterance]], None]) -> None:

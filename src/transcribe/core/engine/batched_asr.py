@@ -4,9 +4,9 @@ FunASR's ``Paraformer.inference`` and ``SeacoParaformer.inference`` run the enco
 predictor, the decoder and (SeACo) the BiCif timestamp predictor on a padded batch, then loop over
 the utterances in Python: ``argmax`` and ``.tolist()`` per utterance, the timestamp scan on device
 tensors (one host sync per ``torch.where`` and per ``.item()``), token decoding. On a GPU that loop
-is a few host syncs and a dozen tiny kernels per utterance. `run_asr_batch` calls the same model
-modules in the same order on the same batch, then moves the few per-utterance tensors it needs to
-the host in one transfer each and runs FunASR's own per-utterance functions
+is a few host syncs and a dozen tiny kernels per utterance. `decode_asr_batch` then `finish_asr_batch`
+call the same model modules in the same order on the same batch, then move the few per-utterance
+tensors they need to the host in one transfer each and runs FunASR's own per-utterance functions
 (``ts_prediction_lfr6_standard``, ``sentence_postprocess``, the tokenizer) on host copies. The
 values are the same: ``argmax`` of a row and the threshold comparisons do not depend on where they
 run; the one device reduction inside the timestamp function (``alphas.sum()``, taken only when the
@@ -38,7 +38,7 @@ class UtteranceAsr:
 
 
 def asr_support(model: Any, kwargs: dict[str, Any]) -> str | None:
-    """None if `run_asr_batch` reproduces ``model.inference`` for these options, else the reason it does not."""
+    """None if `decode_asr_batch` + `finish_asr_batch` reproduce ``model.inference`` for these options, else why not."""
     name = type(model).__name__
     if name not in SUPPORTED_ASR_CLASSES:
         return f"ASR model class {name}"
@@ -93,12 +93,6 @@ class DecodedBatch:
         """The tensors `finish_asr_batch` reads on the device (for a caller running it on another stream)."""
         return [t for t in (self.encoder_out, self.encoder_out_lens, self.pre_token_length, self.ts_alphas,
                             self.ts_peaks) if t is not None]
-
-
-@torch.no_grad()
-def run_asr_batch(model: Any, speech: Sequence[Any], kwargs: dict[str, Any]) -> list[UtteranceAsr]:
-    """ASR on one padded batch of utterances (1-D sample tensors/arrays); one record per utterance."""
-    return finish_asr_batch(decode_asr_batch(model, speech, kwargs))
 
 
 @torch.no_grad()

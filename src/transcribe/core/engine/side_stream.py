@@ -37,13 +37,14 @@ def overlap_enabled(setting: bool | str, device: str) -> bool:
 class SideResult:
     """A `SideStream` job's result; `get` waits for it and orders the caller's stream after its kernels."""
 
-    def __init__(self, future: Future[tuple[Any, Any]]) -> None:
+    def __init__(self, future: Future[tuple[Any, Any]], device: torch.device | None = None) -> None:
         self._future = future
+        self._device = device
 
     def get(self) -> Any:
         value, done = self._future.result()  # re-raises the side thread's exception
         if done is not None:
-            torch.cuda.current_stream().wait_event(done)
+            torch.cuda.current_stream(self._device).wait_event(done)
         return value
 
     def done(self) -> bool:
@@ -55,7 +56,10 @@ class SideStream:
 
     def __init__(self, device: str, ncpu: int, name: str) -> None:
         self.cuda = device.startswith("cuda")
-        self._stream = torch.cuda.Stream(device=torch.device(device)) if self.cuda else None
+        # Streams and events are named by device throughout: a worker on cuda:1 keeps cuda:0 as its current
+        # device, and torch.cuda.current_stream() alone would be cuda:0's.
+        self.device = torch.device(device)
+        self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         # OpenMP's thread count is per calling thread: the side thread sets the process's budget for itself
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=limit_cpu_threads,
                                             initargs=(ncpu,))
@@ -65,7 +69,7 @@ class SideStream:
         caller's device tensors it uses (kept from reuse until the side stream is past them)."""
         if not self.cuda:
             return SideResult(self._executor.submit(lambda: (fn(*args), None)))
-        ready = torch.cuda.current_stream().record_event()
+        ready = torch.cuda.current_stream(self.device).record_event()
         for tensor in reads:
             tensor.record_stream(self._stream)
         stream = self._stream
@@ -76,17 +80,19 @@ class SideStream:
                 value = fn(*args)
                 return value, stream.record_event()
 
-        return SideResult(self._executor.submit(run))
+        return SideResult(self._executor.submit(run), self.device)
 
     def close(self) -> None:
+        """Join the thread; the caller's stream then waits for whatever the side stream still has queued
+        (work whose result nobody took, e.g. after an error)."""
         self._executor.shutdown(wait=True)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
 
 def keep_for_caller(tensors: Iterable[torch.Tensor]) -> None:
     """Mark side-stream outputs as used on the caller's stream (call after `SideResult.get`): their memory
     is not reused by the side stream before the caller's queued work on them is done."""
-    if torch.cuda.is_available():
-        stream = torch.cuda.current_stream()
-        for tensor in tensors:
-            if tensor.is_cuda:
-                tensor.record_stream(stream)
+    for tensor in tensors:
+        if tensor.is_cuda:
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))

@@ -89,12 +89,16 @@ def current_rss_mb() -> float:
 
 
 def cuda_memory_mb() -> tuple[float, float] | None:
-    """(reserved now, peak reserved) of this process's CUDA caching allocator, or None where CUDA is unused.
-    torch is not imported for it: a worker that has not imported it has no CUDA memory."""
+    """(reserved now, peak reserved) of this process's CUDA caching allocator over all its devices (a worker
+    on cuda:1 holds nothing on cuda:0), or None where CUDA is unused. torch is not imported for it: a worker
+    that has not imported it has no CUDA memory."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_initialized():
         return None
-    return (round(torch.cuda.memory_reserved() / 2**20, 1), round(torch.cuda.max_memory_reserved() / 2**20, 1))
+    devices = range(torch.cuda.device_count())
+    reserved = sum(torch.cuda.memory_reserved(i) for i in devices)
+    peak = sum(torch.cuda.max_memory_reserved(i) for i in devices)
+    return round(reserved / 2**20, 1), round(peak / 2**20, 1)
 
 
 def pid_alive(pid: int | None) -> bool:
