@@ -10,7 +10,7 @@ import torch
 from transcribe.core.pool.heartbeat import WorkerStatus, cuda_memory_mb
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.is_initialized(), reason="CUDA already in use here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine: the test below covers it")
 def test_a_process_without_cuda_reports_no_gpu_memory():
     assert cuda_memory_mb() is None
     status = json.loads(WorkerStatus(worker_id="w1", pid=1).to_json())
