@@ -61,7 +61,7 @@ from transcribe.core.engine.side_stream import (
     keep_for_caller,
     overlap_enabled,
 )
-from transcribe.core.engine.speaker_prefetch import funasr_segments
+from transcribe.core.engine.speaker_prefetch import funasr_segments, speaker_windows
 from transcribe.core.errors import TranscribeError, TranscriptionError
 
 UNSUPPORTED_OPTIONS = ("merge_vad",)  # inference_with_vad options whose effect the engine does not replay
@@ -402,13 +402,13 @@ class BatchTranscriber:
         """CAM++ embeddings of the batch's windows. One segment alone is embedded in calls of the
         speaker model's batch size, as ``AutoModel.inference`` makes them (the same shapes, so the
         same floats: with near-identical embeddings, clustering can turn on the last bit)."""
-        from funasr.models.campplus.utils import extract_feature, sv_chunk
+        from funasr.models.campplus.utils import extract_feature
         from funasr.utils.load_utils import load_audio_text_image_video
 
         spk, spk_kwargs = self.model.spk_model, self.model.spk_kwargs
         counts, chunks = [], []
         for u in batch:  # as inference_with_vad cuts them
-            segs = sv_chunk([[u.start_ms / 1000.0, u.end_ms / 1000.0, np.array(u.samples)]])
+            segs = speaker_windows(u.start_ms, u.end_ms, u.samples)
             counts.append(len(segs))
             chunks.extend(s[2] for s in segs)
         samples = load_audio_text_image_video(chunks, fs=16000, audio_fs=spk_kwargs.get("fs", 16000),

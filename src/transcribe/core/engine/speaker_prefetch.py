@@ -77,6 +77,14 @@ class Segment:
     samples: Any  # 1-D tensor: FunASR's slice of the job's audio
 
 
+def speaker_windows(start_ms: Any, end_ms: Any, samples: Any) -> list[list[Any]]:
+    """The CAM++ windows of one segment as ``inference_with_vad`` cuts them: ``sv_chunk`` of
+    ``[[start_s, end_s, samples]]`` (1.5 s windows, 0.75 s shift), each ``[start_s, end_s, samples]``."""
+    from funasr.models.campplus.utils import sv_chunk
+
+    return sv_chunk([[start_ms / 1000.0, end_ms / 1000.0, np.array(samples)]])
+
+
 def funasr_segments(samples: Any, vad_segments: list[list[Any]], *, frontend: Any, audio_fs: int) -> list[Segment]:
     """The segments of one input as ``inference_with_vad`` cuts them (funasr 1.4.16): the input loaded
     by ``load_audio_text_image_video``, segments sorted by duration (a stable sort), each sliced by
@@ -133,11 +141,9 @@ class _Prefetch:
 
     def _embed(self, seg: Segment) -> _Embedded | None:
         """On the side thread: inference_with_vad's lines for one segment of a batch, ahead of it."""
-        from funasr.models.campplus.utils import sv_chunk
-
         if self.cancel.is_set():
             return None
-        windows = sv_chunk([[seg.start_ms / 1000.0, seg.end_ms / 1000.0, np.array(seg.samples)]])
+        windows = speaker_windows(seg.start_ms, seg.end_ms, seg.samples)
         speech = [w[2] for w in windows]
         t0 = time.perf_counter()
         try:
@@ -232,7 +238,11 @@ class SpeakerOverlap:
             if model is am.vad_model and not job.vad_seen:
                 job.vad_seen = True
                 out = self.inner(input, input_len=input_len, model=model, kwargs=kwargs, **cfg)
-                self._start(job, input, input_len, out, cfg)
+                try:
+                    self._start(job, input, input_len, out, cfg)
+                except Exception as e:  # noqa: BLE001 - the prefetch is an optimisation: FunASR's own calls run
+                    logger.warning("speaker prefetch not started ({}: {}); FunASR's own speaker calls run",
+                                   type(e).__name__, e)
                 return out
             if model is am.spk_model and job.live:
                 answer = self._answer(job, input, input_len, kwargs, cfg)
