@@ -216,6 +216,10 @@ def test_auto_on_cuda_fits_the_cards_memory():
     assert len(plan.devices) == 16  # an H100: the 16 per GPU measured best
     plan = plan_pool(_cfg(), ["cuda:0", "cpu"], cpu_count=16, mem_available=lambda: 512 * GIB, gpu_memory=2 * GIB)
     assert len(plan.devices) == 1
+    batching = config_from_dict({"pool": {"workers": "auto", "batch_jobs": 2}})  # 5 GiB per worker
+    plan = plan_pool(batching, ["cuda:0", "cpu"], cpu_count=16, mem_available=lambda: 512 * GIB,
+                     gpu_memory=int(79.2 * GIB))  # an H100 80GB's total_memory
+    assert len(plan.devices) == 15
 
 
 def test_the_device_probe_reports_devices_and_card_memory():

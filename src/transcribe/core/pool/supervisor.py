@@ -379,9 +379,11 @@ def probe_devices() -> DeviceProbe:
 
 GIB = 2**30
 WORKER_MEMORY = 4 * GIB  # host memory per CUDA worker that "auto" plans for (a large-model worker: ~3.2 GB RSS)
-# GPU memory per CUDA worker that "auto" plans for: 16 large-model workers on an H100 under CUDA MPS peaked at
-# 54 GB together (69 GB with pool.batch_jobs 2); a worker that runs out falls back to the CPU, far slower
+# GPU memory per CUDA worker that "auto" plans for, and per further job a batching worker holds at once
+# (pool.batch_jobs): on an H100 under CUDA MPS, 16 large-model workers peaked at 3.2-3.8 GB each on 10-minute
+# jobs, 4.4-5.0 GB with batch_jobs 2 (80.7 of 81.5 GB in all); a worker that runs out falls back to the CPU
 GPU_WORKER_MEMORY = 4 * GIB
+GPU_MEMORY_PER_BATCHED_JOB = 1 * GIB
 MAX_WORKERS_PER_GPU = 16
 
 
@@ -415,7 +417,8 @@ def plan_pool(cfg: Config, available: list[str], cpu_count: int | None = None,
     - ``pool.devices`` given: one worker per entry (``pool.workers`` then only checks the count).
     - Several GPUs and a CUDA-bound config: workers are spread round-robin over cuda:0..k-1.
     - ``pool.workers: "auto"``: on CUDA one worker per CPU core, 2 to 16 per GPU, no more than
-      MemAvailable // 4 GiB, nor than the smallest card's memory (`gpu_memory`) // 4 GiB per GPU; each
+      MemAvailable // 4 GiB, nor than the smallest card's memory (`gpu_memory`) // 4 GiB per GPU (1 GiB
+      more per further job of ``pool.batch_jobs``); each
       then gets cores // workers CPU threads unless ``funasr.ncpu`` is set.
       Else 1 on MPS; else cores // funasr.ncpu (at least 1).
     """
@@ -434,7 +437,8 @@ def plan_pool(cfg: Config, available: list[str], cpu_count: int | None = None,
             if mem is not None:
                 n = min(n, max(1, mem // WORKER_MEMORY))
             if gpu_memory is not None:
-                n = min(n, max(1, gpu_memory // GPU_WORKER_MEMORY) * len(gpus))
+                per_worker = GPU_WORKER_MEMORY + (p.batch_jobs - 1) * GPU_MEMORY_PER_BATCHED_JOB
+                n = min(n, max(1, gpu_memory // per_worker) * len(gpus))
             if "ncpu" not in f.model_fields_set:
                 ncpu = max(1, cores // n)
         elif "mps" in available and f.device in ("auto", "mps"):
