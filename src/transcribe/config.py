@@ -81,7 +81,7 @@ class FunasrConfig(_Section):
     # when several jobs share a batch, and CAM++ windows (1.5 s each) per speaker-model forward call.
     # Both bound GPU memory whatever the job's length (an ASR batch: this plus one segment, FunASR's rule).
     engine_batch_s: int = Field(default=300, ge=1)
-    engine_spk_batch: int = Field(default=512, ge=1)
+    engine_spk_batch: int = Field(default=128, ge=1)
     # Extra keyword arguments passed through to AutoModel(...) / generate(...) unchanged.
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     generate_kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -400,7 +400,7 @@ def main() -> None:
     ap.add_argument("--pool-jobs", type=int, default=6)
     ap.add_argument("--engine-jobs", default="4", help="(f): jobs batched together in one engine call, e.g. 4,8")
     ap.add_argument("--engine-batch-s", type=int, default=300, help="funasr.engine_batch_s for (f) and (g)")
-    ap.add_argument("--engine-spk-batch", type=int, default=512, help="funasr.engine_spk_batch (CAM++ windows per call)")
+    ap.add_argument("--engine-spk-batch", type=int, default=128, help="funasr.engine_spk_batch (CAM++ windows per call)")
     ap.add_argument("--seed", type=int, default=0, help="funasr.seed, and numpy's seed before each bare call")
     ap.add_argument("--cuda-mps", default="", help="pool.cuda_mps values to time every pool row with, e.g. false,auto")
     ap.add_argument("--engine-pool", default="", help="(g): pools of batching workers as WORKERS:BATCH_JOBS, e.g. 1:8,2:4")
