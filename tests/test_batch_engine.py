@@ -256,3 +256,32 @@ def test_speaker_embeddings_failing_on_the_side_thread_are_run_again(seaco_model
     monkeypatch.setattr(engine, "_speakers", failing_once)
     assert segs(engine.transcribe(path, speakers=2)) == expected and failed
     engine.close()
+
+
+def test_transcriber_runs_a_job_through_the_engine_stages_with_the_overlap_on(seaco_models, tmp_path):  # noqa: F811
+    """funasr.overlap_stages (forced on the CPU: the GPU's path): the Transcriber's diarized jobs go through
+    the engine's stages, side by side, with bare FunASR's result; options the engine does not replay (word
+    timestamps, no diarization) run FunASR's own loop."""
+    import numpy as np
+
+    from transcribe.core.engine.funasr_transcriber import Transcriber
+
+    cfg = config_from_dict(model_config(seaco_models, overlap_stages=True), tmp_path)
+    tr = Transcriber(cfg)
+    assert tr.stages_side_by_side is not None and "overlap_stages.engine" in tr.patches
+    bare_seaco = AutoModel(model=str(seaco_models["asr"]), vad_model=str(seaco_models["vad"]),
+                           punc_model=str(seaco_models["punc"]), spk_model=str(seaco_models["spk"]),
+                           device="cpu", ncpu=1, disable_update=True, disable_pbar=True)
+    for name in ("podcast_2speakers_60s.wav", "espeak_zh_en_30s.wav"):
+        path = shared_audio(name)
+        np.random.seed(0)  # FunASR's k-means draws from numpy's global state: both sides start alike
+        expected = expected_segments(bare_seaco, cfg, path, speakers=2)
+        np.random.seed(0)
+        result = tr.transcribe(path, speakers=2)
+        assert "assemble" in result.timings  # the engine's stages ran
+        assert segs(result) == expected and len(expected) > 3
+    path = shared_audio("podcast_2speakers_60s.wav")
+    worded = tr.transcribe(path, speakers=2, word_timestamps=True)
+    assert "assemble" not in worded.timings and any(s.words for s in worded.segments)
+    plain = tr.transcribe(path, diarize=False)
+    assert "assemble" not in plain.timings and plain.segments and not plain.speakers

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from loguru import logger
 
-from transcribe.core.engine.audio import Audio, load_audio
+from transcribe.core.engine.audio import SAMPLE_RATE, Audio, load_audio
 from transcribe.core.engine.batched_asr import (
     DecodedBatch,
     UtteranceAsr,
@@ -65,6 +65,9 @@ from transcribe.core.engine.speaker_prefetch import funasr_segments, speaker_win
 from transcribe.core.errors import TranscribeError, TranscriptionError
 
 UNSUPPORTED_OPTIONS = ("merge_vad",)  # inference_with_vad options whose effect the engine does not replay
+# The generate options a job routed from the Transcriber may carry (build_generate_kwargs): what the replay
+# reproduces. Others (return_raw_text for word timestamps, funasr.generate_kwargs extras) run FunASR's path.
+ENGINE_GENERATE_KWARGS = frozenset({"batch_size_s", "sentence_timestamp", "preset_spk_num", "hotword"})
 MAX_PENDING_TIMESTAMPS = 4  # decoded ASR batches waiting for the timestamp predictor (bounds GPU memory)
 
 
@@ -204,6 +207,13 @@ class BatchTranscriber:
             if job.ok:
                 self._guard(job, "vad", self._vad, job)
         batched = [j for j in jobs if j.ok and j.fallback is None]
+        self._run_stages(batched)
+        for job in jobs:
+            if job.ok and job.fallback is None:
+                self._guard(job, "assemble", self._assemble, job)
+
+    def _run_stages(self, batched: list[_Job]) -> None:
+        """ASR and CAM++ for jobs past VAD: side by side with the overlap on, else one after the other."""
         diarize = getattr(self.model, "spk_model", None) is not None
         speakers: SideResult | None = None
         if diarize and self._speaker_side is not None:  # CAM++ reads only the VAD segments' audio
@@ -215,9 +225,6 @@ class BatchTranscriber:
                 self._settle_speakers(speakers, batched)
         if diarize and speakers is None:
             self._speakers([j for j in batched if j.ok])
-        for job in jobs:
-            if job.ok and job.fallback is None:
-                self._guard(job, "assemble", self._assemble, job)
 
     def _settle_speakers(self, speakers: SideResult, jobs: list[_Job]) -> None:
         """Wait for the side thread's embeddings; if it failed there (outside any one job's batch), embed
@@ -256,8 +263,8 @@ class BatchTranscriber:
     def _vad(self, job: _Job) -> None:
         """FunASR's VAD call for the job, with the runtime options ``inference_with_vad`` sets."""
         am, item = self.model, job.item
-        cfg = build_generate_kwargs(self.config, speakers=item.speakers, hotwords=item.hotwords,
-                                    batch_size_s=item.batch_size_s)
+        cfg = dict(job.gen_kwargs) or build_generate_kwargs(self.config, speakers=item.speakers,
+                                                            hotwords=item.hotwords, batch_size_s=item.batch_size_s)
         job.gen_kwargs = dict(cfg)
         unsupported = [k for k in UNSUPPORTED_OPTIONS if cfg.get(k)]
         am._reset_runtime_configs()
@@ -437,23 +444,49 @@ class BatchTranscriber:
 
     def _assemble(self, job: _Job) -> None:
         """FunASR's ``generate`` for the job, its VAD/ASR/speaker calls answered from the batches."""
-        tr, am = self.transcriber, self.model
+        tr = self.transcriber
+        output = self._replayed_output(job)
+        finished = time.perf_counter()
+        job.result = tr.result_from_output(
+            output, job.audio, elapsed=finished - job.started, source_name=job.item.source_name,
+            timings={**job.timings, "generate": finished - job.started - job.timings["decode"]})
+
+    def _replayed_output(self, job: _Job, speaker_bounds: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+        """FunASR's ``generate`` output for the job (punctuation and assembly run for real), timed."""
+        am = self.model
         self._progress("punc")
         t0 = time.perf_counter()
         real = am.inference
         am.inference = Replay(am, job.vad_output, job.utterances, real)
         try:
-            output, stages = tr.generate_locked(job.audio.samples, **job.gen_kwargs)
+            output, stages = self.transcriber.generate_locked(job.audio.samples, speaker_bounds=speaker_bounds,
+                                                              **job.gen_kwargs)
         finally:
             am.inference = real
         elapsed = time.perf_counter() - t0
         punc = stages.get("punc", 0.0)
         job.timings["punc"] += punc
         job.timings["assemble"] += elapsed - punc
-        finished = time.perf_counter()
-        job.result = tr.result_from_output(
-            output, job.audio, elapsed=finished - job.started, source_name=job.item.source_name,
-            timings={**job.timings, "generate": finished - job.started - job.timings["decode"]})
+        return output
+
+    def generate_locked(self, samples: np.ndarray, *, speaker_bounds: tuple[int, int] | None = None,
+                        **gen_kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, float]] | None:
+        """One decoded job through the engine's stages, for the `Transcriber` (which holds the model lock):
+        ``Transcriber.generate_locked``'s output and stage times, or None where the engine does not cover
+        the job's options or models (the caller then runs FunASR's path). A failure raises the model's
+        own exception, so the caller's device fallback sees an out-of-memory error as such."""
+        if not set(gen_kwargs) <= ENGINE_GENERATE_KWARGS or getattr(self.model, "spk_model", None) is None:
+            return None
+        job = _Job(0, EngineJob(source=""), time.perf_counter(), audio=Audio(samples, SAMPLE_RATE, 1),
+                   gen_kwargs=dict(gen_kwargs))
+        self._vad(job)
+        if job.fallback is not None:
+            return None
+        self._run_stages([job])
+        if job.error is not None:  # the model's own exception where `_guard` wrapped one
+            raise job.error.__cause__ if isinstance(job.error.__cause__, Exception) else job.error
+        output = self._replayed_output(job, speaker_bounds)
+        return output, {k: v for k, v in job.timings.items() if k != "decode"}
 
     def _fallback(self, job: _Job) -> None:
         """FunASR's whole path (the `Transcriber`) for a job the engine does not cover."""

@@ -185,6 +185,10 @@ class Transcriber:
         if self.clustering is not None:
             self.patches.append(cluster_bounds.NAME)
         self.cache = self._open_cache()
+        # funasr.overlap_stages: a diarized job runs through the batch engine's stages, CAM++ beside ASR and
+        # each batch's timestamps beside the next batch's decoding (the same result: tests/test_batch_engine.py);
+        # options the engine does not replay run FunASR's own loop below (with the speaker prefetch).
+        self.stages_side_by_side = self._side_by_side_engine()
         self._cpu_copy: Transcriber | None = None  # built on the first job that falls back to the CPU
         self._cpu_copy_lock = threading.Lock()
         self.accepts_hotwords = type(getattr(self.model, "model", None)).__name__ in HOTWORD_MODELS
@@ -267,6 +271,15 @@ class Transcriber:
             return False
         return self.model.spk_kwargs.get("batch_size") == FAST_DIARIZATION_BATCH
 
+    def _side_by_side_engine(self) -> Any:
+        from transcribe.core.engine.batch_engine import BatchTranscriber
+        from transcribe.core.engine.side_stream import overlap_enabled
+
+        if not overlap_enabled(self.config.funasr.overlap_stages, self.device.device):
+            return None
+        self.patches.append("overlap_stages.engine")
+        return BatchTranscriber(self)
+
     def _install_cuda_graphs(self) -> list[cuda_graphs.ShapeGraphs]:
         if not self.config.funasr.cuda_graphs or self.device.kind != "cuda":
             return []
@@ -311,6 +324,10 @@ class Transcriber:
         (vad, asr, punc, spk)."""
         with self._lock:
             try:
+                if diarize and self.stages_side_by_side is not None:
+                    out = self.stages_side_by_side.generate_locked(samples, speaker_bounds=speaker_bounds, **kwargs)
+                    if out is not None:
+                        return out
                 return self.generate_locked(samples, diarize=diarize, speaker_bounds=speaker_bounds, **kwargs)
             finally:
                 after_job(self.device.device)
