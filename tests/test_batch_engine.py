@@ -213,17 +213,25 @@ def test_batching_pool_worker_commits_each_job_on_its_own(tiny_models, tmp_path,
     assert re.search(r"jobs \S+, \S+.* as one batch", logs), "the worker never claimed two jobs at once"
 
 
-def test_timestamps_failing_on_the_side_stream_are_run_again(seaco_models, tmp_path, monkeypatch):  # noqa: F811
-    """A batch whose timestamp step fails on the overlap thread is run again in the caller's thread."""
+@pytest.fixture(scope="module")
+def overlapped(seaco_models, tmp_path_factory):  # noqa: F811
+    """A SeACo engine with the overlap forced on (the GPU's path), one recording and its transcript."""
+    from transcribe.core.engine.funasr_transcriber import Transcriber
+
+    cfg = config_from_dict(model_config(seaco_models, overlap_stages=True, seed=0), tmp_path_factory.mktemp("ov"))
+    engine = BatchTranscriber(Transcriber(cfg))
+    path = shared_audio("podcast_2speakers_60s.wav")
+    yield engine, path, segs(engine.transcribe(path, speakers=2))
+    engine.close()
+
+
+def test_timestamps_failing_on_the_side_stream_are_run_again(overlapped, monkeypatch):
+    """A batch whose timestamp step fails on the overlap thread is finished again in the caller's thread."""
     import threading
 
     import transcribe.core.engine.batch_engine as be
-    from transcribe.core.engine.funasr_transcriber import Transcriber
 
-    cfg = config_from_dict(model_config(seaco_models, overlap_stages=True, seed=0), tmp_path)
-    engine = BatchTranscriber(Transcriber(cfg))
-    path = shared_audio("podcast_2speakers_60s.wav")
-    expected = segs(engine.transcribe(path, speakers=2))
+    engine, path, expected = overlapped
     real, failed = be.finish_asr_batch, []
 
     def failing_on_side_thread(batch):
@@ -237,14 +245,9 @@ def test_timestamps_failing_on_the_side_stream_are_run_again(seaco_models, tmp_p
     assert failed and failed[0].startswith("engine-ts")
 
 
-def test_speaker_embeddings_failing_on_the_side_thread_are_run_again(seaco_models, tmp_path, monkeypatch):  # noqa: F811
+def test_speaker_embeddings_failing_on_the_side_thread_are_run_again(overlapped, monkeypatch):
     """A failure of the speaker side thread itself (outside any one batch's guard) is retried in the caller."""
-    from transcribe.core.engine.funasr_transcriber import Transcriber
-
-    cfg = config_from_dict(model_config(seaco_models, overlap_stages=True, seed=0), tmp_path)
-    engine = BatchTranscriber(Transcriber(cfg))
-    path = shared_audio("podcast_2speakers_60s.wav")
-    expected = segs(engine.transcribe(path, speakers=2))
+    engine, path, expected = overlapped
     real, failed = engine._speakers, []
 
     def failing_once(jobs):
@@ -255,7 +258,6 @@ def test_speaker_embeddings_failing_on_the_side_thread_are_run_again(seaco_model
 
     monkeypatch.setattr(engine, "_speakers", failing_once)
     assert segs(engine.transcribe(path, speakers=2)) == expected and failed
-    engine.close()
 
 
 def test_transcriber_runs_a_job_through_the_engine_stages_with_the_overlap_on(seaco_models, tmp_path):  # noqa: F811
