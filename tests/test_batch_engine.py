@@ -9,7 +9,9 @@ stay at float-noise level.
 
 import re
 
+import numpy as np
 import pytest
+import soundfile as sf
 from funasr import AutoModel
 
 from tests.conftest import model_config, shared_audio
@@ -22,6 +24,7 @@ from transcribe.core.engine.batch_engine import (
     funasr_batches,
     n_windows,
 )
+from transcribe.core.engine.funasr_transcriber import build_generate_kwargs
 from transcribe.core.errors import AudioError
 
 RECORDINGS = [("podcast_2speakers_60s.wav", 2), ("espeak_zh_en_30s.wav", 2), ("tts_1speaker_5s.wav", None),
@@ -162,7 +165,6 @@ def test_batches_follow_funasr_rule_and_bound_audio():
 
 
 def test_window_count_matches_funasr_sv_chunk():
-    import numpy as np
     from funasr.models.campplus.utils import sv_chunk
 
     for n in (100, 24000, 24001, 36000, 160000, 16000 * 61 + 7):
@@ -260,30 +262,80 @@ def test_speaker_embeddings_failing_on_the_side_thread_are_run_again(overlapped,
     assert segs(engine.transcribe(path, speakers=2)) == expected and failed
 
 
-def test_transcriber_runs_a_job_through_the_engine_stages_with_the_overlap_on(seaco_models, tmp_path):  # noqa: F811
-    """funasr.overlap_stages (forced on the CPU: the GPU's path): the Transcriber's diarized jobs go through
-    the engine's stages, side by side, with bare FunASR's result; options the engine does not replay (word
-    timestamps, no diarization) run FunASR's own loop."""
-    import numpy as np
-
+@pytest.fixture(scope="module")
+def routed(seaco_models, tmp_path_factory):  # noqa: F811
+    """A SeACo Transcriber with the overlap forced on the CPU (the GPU's path): its diarized jobs go through
+    the engine's stages."""
     from transcribe.core.engine.funasr_transcriber import Transcriber
 
-    cfg = config_from_dict(model_config(seaco_models, overlap_stages=True), tmp_path)
+    cfg = config_from_dict(model_config(seaco_models, overlap_stages=True, seed=0), tmp_path_factory.mktemp("rt"))
     tr = Transcriber(cfg)
-    assert tr.stages_side_by_side is not None and "overlap_stages.engine" in tr.patches
+    yield tr
+    tr.stages_side_by_side.close()
+
+
+def through_funasr_loop(tr, path, **options):
+    engine, tr.stages_side_by_side = tr.stages_side_by_side, None
+    try:
+        return tr.transcribe(path, **options)
+    finally:
+        tr.stages_side_by_side = engine
+
+
+def test_transcriber_runs_a_job_through_the_engine_stages_with_the_overlap_on(routed, seaco_models):  # noqa: F811
+    """The routed job equals bare FunASR's; options the engine does not replay (word timestamps, no
+    diarization) run FunASR's own loop."""
+    assert routed.stages_side_by_side is not None and "overlap_stages.engine" in routed.patches
     bare_seaco = AutoModel(model=str(seaco_models["asr"]), vad_model=str(seaco_models["vad"]),
                            punc_model=str(seaco_models["punc"]), spk_model=str(seaco_models["spk"]),
                            device="cpu", ncpu=1, disable_update=True, disable_pbar=True)
     for name in ("podcast_2speakers_60s.wav", "espeak_zh_en_30s.wav"):
         path = shared_audio(name)
-        np.random.seed(0)  # FunASR's k-means draws from numpy's global state: both sides start alike
-        expected = expected_segments(bare_seaco, cfg, path, speakers=2)
-        np.random.seed(0)
-        result = tr.transcribe(path, speakers=2)
+        np.random.seed(0)  # funasr.seed 0 on the Transcriber's side
+        expected = expected_segments(bare_seaco, routed.config, path, speakers=2)
+        result = routed.transcribe(path, speakers=2)
         assert "assemble" in result.timings  # the engine's stages ran
         assert segs(result) == expected and len(expected) > 3
     path = shared_audio("podcast_2speakers_60s.wav")
-    worded = tr.transcribe(path, speakers=2, word_timestamps=True)
+    worded = routed.transcribe(path, speakers=2, word_timestamps=True)
     assert "assemble" not in worded.timings and any(s.words for s in worded.segments)
-    plain = tr.transcribe(path, diarize=False)
+    plain = routed.transcribe(path, diarize=False)
     assert "assemble" not in plain.timings and plain.segments and not plain.speakers
+
+
+@pytest.mark.parametrize("name, options", [
+    ("podcast_2speakers_60s.wav", {}),  # the speaker count estimated
+    ("podcast_2speakers_60s.wav", {"min_speakers": 1, "max_speakers": 2}),
+    ("espeak_zh_en_30s.wav", {"speakers": 2, "hotwords": ["你好", "世界"]}),
+    ("silence_5s.wav", {"speakers": 2}),
+])
+def test_routed_jobs_equal_funasrs_loop_for_each_option(routed, name, options):
+    path = shared_audio(name)
+    got = routed.transcribe(path, **options)
+    assert "assemble" in got.timings
+    assert segs(got) == segs(through_funasr_loop(routed, path, **options))
+    assert got.speakers == through_funasr_loop(routed, path, **options).speakers
+
+
+def test_a_routed_jobs_model_error_is_the_models_own(routed, monkeypatch):
+    """The device fallback classifies the model's exception (an out-of-memory error stays one)."""
+    import transcribe.core.engine.batch_engine as be
+    from transcribe.core.engine.fallback import device_failure_reason
+
+    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    def failing(*args):
+        raise oom
+
+    monkeypatch.setattr(be, "decode_asr_batch", failing)
+    samples = sf.read(str(shared_audio("podcast_2speakers_60s.wav")), dtype="float32")[0]
+    with pytest.raises(RuntimeError) as raised:
+        routed.generate(samples, **build_generate_kwargs(routed.config, speakers=2))
+    assert raised.value is oom and device_failure_reason(raised.value) is not None
+
+
+def test_a_routed_job_with_too_many_speakers_says_how_to_fix_it(routed):
+    from transcribe.core.errors import SpeakerCountError
+
+    with pytest.raises(SpeakerCountError, match="cannot split into 64 speakers"):
+        routed.transcribe(shared_audio("espeak_zh_en_30s.wav"), speakers=64)

@@ -34,9 +34,18 @@ def segs(result):
 
 
 def build(tiny_models, tmp_path, overlap):
+    return funasr_loop(config_from_dict(model_config(tiny_models, overlap_stages=overlap, seed=SEED), tmp_path))
+
+
+def funasr_loop(cfg):
+    """A Transcriber whose jobs run FunASR's own loop: the prefetch's path. With the overlap on, diarized
+    jobs otherwise go through the batch engine's stages (tests/test_batch_engine.py); FunASR's loop, and
+    the prefetch in it, still serves the options the engine does not replay (word timestamps, extras)."""
     from transcribe.core.engine.funasr_transcriber import Transcriber
 
-    return Transcriber(config_from_dict(model_config(tiny_models, overlap_stages=overlap, seed=SEED), tmp_path))
+    tr = Transcriber(cfg)
+    tr.stages_side_by_side = None
+    return tr
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +273,7 @@ def test_on_cuda_the_speaker_calls_run_on_a_side_stream_with_the_same_transcript
     from transcribe.core.engine.funasr_transcriber import Transcriber
 
     def cuda(overlap):
-        return Transcriber(config_from_dict(model_config(tiny_models, device="cuda", overlap_stages=overlap,
+        return funasr_loop(config_from_dict(model_config(tiny_models, device="cuda", overlap_stages=overlap,
                                                          seed=SEED), tmp_path))
 
     on_gpu, off_gpu = cuda("auto"), cuda(False)

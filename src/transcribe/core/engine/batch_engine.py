@@ -59,6 +59,7 @@ from transcribe.core.engine.side_stream import (
     SideResult,
     SideStream,
     keep_for_caller,
+    on_side_thread,
     overlap_enabled,
 )
 from transcribe.core.engine.speaker_prefetch import funasr_segments, speaker_windows
@@ -257,7 +258,8 @@ class BatchTranscriber:
             job.error.__cause__ = e
 
     def _progress(self, stage: str) -> None:
-        if self.transcriber.on_progress is not None:
+        # from the caller's thread only: the worker's status shows the stage its own thread is in
+        if self.transcriber.on_progress is not None and not on_side_thread():
             self.transcriber.on_progress(stage)
 
     def _vad(self, job: _Job) -> None:

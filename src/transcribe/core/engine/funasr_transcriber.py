@@ -37,7 +37,11 @@ from loguru import logger
 from transcribe.config import Config, as_config
 from transcribe.core.engine import cuda_graphs, fast_punc, model_store, speaker_prefetch
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
-from transcribe.core.engine.device_manager import DeviceChoice, DeviceManager, limit_cpu_threads
+from transcribe.core.engine.device_manager import (
+    DeviceChoice,
+    DeviceManager,
+    limit_cpu_threads,
+)
 from transcribe.core.engine.fallback import (
     device_failure_reason,
     release_device_memory,
@@ -51,7 +55,6 @@ from transcribe.core.engine.patches import (
     patched_model_kwargs,
 )
 from transcribe.core.engine.result import Result, segments_from_funasr
-from transcribe.core.engine.side_stream import overlap_enabled
 from transcribe.core.engine.result_cache import (
     ResultCache,
     cache_key,
@@ -59,6 +62,7 @@ from transcribe.core.engine.result_cache import (
     file_digest,
     model_identity,
 )
+from transcribe.core.engine.side_stream import overlap_enabled
 from transcribe.core.errors import (
     InvalidOptionsError,
     ModelLoadError,
@@ -272,10 +276,18 @@ class Transcriber:
         return self.model.spk_kwargs.get("batch_size") == FAST_DIARIZATION_BATCH
 
     def _side_by_side_engine(self) -> Any:
+        """The batch engine for this transcriber's diarized jobs (``funasr.overlap_stages``), where it covers
+        the models; None: every job runs FunASR's own loop."""
         from transcribe.core.engine.batch_engine import BatchTranscriber
-        from transcribe.core.engine.side_stream import overlap_enabled
+        from transcribe.core.engine.batched_asr import asr_support
 
         if not overlap_enabled(self.config.funasr.overlap_stages, self.device.device):
+            return None
+        if getattr(self.model, "spk_model", None) is None or getattr(self.model, "vad_model", None) is None:
+            return None
+        reason = asr_support(self.model.model, self.model.kwargs)
+        if reason:
+            logger.info("stages side by side do not cover {}: FunASR's own loop runs", reason)
             return None
         self.patches.append("overlap_stages.engine")
         return BatchTranscriber(self)
@@ -321,7 +333,8 @@ class Transcriber:
 
         ``diarize=False`` skips the speaker model for this call; ``speaker_bounds`` (min, max) bound
         CAM++'s estimated count for this call. Returns the output and the seconds spent per stage
-        (vad, asr, punc, spk)."""
+        (vad, asr, spk, punc; through the engine's stages also assemble, with spk beside asr, so the
+        stages add up to more than the call; in FunASR's loop with the speaker prefetch also spk_wait)."""
         with self._lock:
             try:
                 if diarize and self.stages_side_by_side is not None:
@@ -502,8 +515,10 @@ class Transcriber:
                 logger.warning("building a CPU copy of the models for jobs that {} cannot run", self.device.device)
                 choice = DeviceChoice("cpu", "float32", f"runtime fallback from {self.device.device}",
                                       self.device.device, fell_back=True)
-                no_cache = self.config.model_copy(update={"cache": self.config.cache.model_copy(
-                    update={"enabled": False})})
+                # no cache, and stages one after another (on a CPU they only compete for the same cores)
+                no_cache = self.config.model_copy(update={
+                    "cache": self.config.cache.model_copy(update={"enabled": False}),
+                    "funasr": self.config.funasr.model_copy(update={"overlap_stages": False})})
                 cpu = Transcriber(no_cache, choice, check_network=lambda _hub: True)
                 cpu.on_progress = self._forward_progress
                 self._cpu_copy = cpu

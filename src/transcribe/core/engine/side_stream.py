@@ -16,6 +16,7 @@ are compute-bound on the same cores, and true there is for tests: the same code 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -30,8 +31,21 @@ T = TypeVar("T")
 def overlap_enabled(setting: bool | str, device: str) -> bool:
     """``funasr.overlap_stages``: true, false, or auto (on when the models run on CUDA)."""
     if setting == "auto":
-        return device.startswith("cuda")
+        return device.startswith("cuda") and torch.cuda.is_available()
     return bool(setting)
+
+
+_side = threading.local()
+
+
+def _start_side_thread(ncpu: int) -> None:
+    _side.on = True
+    limit_cpu_threads(ncpu)  # OpenMP's thread count is per calling thread: the process's budget for this one too
+
+
+def on_side_thread() -> bool:
+    """Whether this thread is a `SideStream`'s (progress is reported from the caller's thread only)."""
+    return getattr(_side, "on", False)
 
 
 class SideResult:
@@ -55,13 +69,12 @@ class SideStream:
     """One worker thread (and, on CUDA, one stream) for work that overlaps the caller's."""
 
     def __init__(self, device: str, ncpu: int, name: str) -> None:
-        self.cuda = device.startswith("cuda")
+        self.cuda = device.startswith("cuda") and torch.cuda.is_available()
         # Streams and events are named by device throughout: a worker on cuda:1 keeps cuda:0 as its current
         # device, and torch.cuda.current_stream() alone would be cuda:0's.
         self.device = torch.device(device)
         self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        # OpenMP's thread count is per calling thread: the side thread sets the process's budget for itself
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=limit_cpu_threads,
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_start_side_thread,
                                             initargs=(ncpu,))
 
     def submit(self, fn: Callable[..., T], *args: Any, reads: Iterable[torch.Tensor] = ()) -> SideResult:

@@ -167,7 +167,7 @@ class Worker:
         from transcribe.core.engine.batch_engine import BatchTranscriber
 
         if getattr(self, "_engine", None) is None:
-            self._engine = BatchTranscriber(transcriber)
+            self._engine = transcriber.stages_side_by_side or BatchTranscriber(transcriber)  # one engine a worker
         self.status.start_job(jobs[0].job_id)  # the status names one job; the others are in its batch
         self.heartbeat.beat()
         logger.info("jobs {} claimed by {} as one batch", ", ".join(j.job_id for j in jobs), self.worker_id)
