@@ -62,7 +62,6 @@ from transcribe.core.engine.side_stream import (
     on_side_thread,
     overlap_enabled,
 )
-from transcribe.core.engine.speaker_prefetch import funasr_segments, speaker_windows
 from transcribe.core.errors import TranscribeError, TranscriptionError
 
 UNSUPPORTED_OPTIONS = ("merge_vad",)  # inference_with_vad options whose effect the engine does not replay
@@ -289,9 +288,9 @@ class BatchTranscriber:
         job.vad_output = am.inference(job.audio.samples, model=am.vad_model, kwargs=am.vad_kwargs, **cfg)
         job.timings["vad"] += time.perf_counter() - t0
         [vad] = job.vad_output
-        for seg in funasr_segments(job.audio.samples, vad["value"], frontend=kwargs["frontend"],
-                                   audio_fs=kwargs.get("fs", 16000)):
-            job.utterances.append(_Utterance(job.index, int(seg.start_ms), int(seg.end_ms), seg.samples))
+        for start_ms, end_ms, piece in funasr_segments(job.audio.samples, vad["value"], frontend=kwargs["frontend"],
+                                                       audio_fs=kwargs.get("fs", 16000)):
+            job.utterances.append(_Utterance(job.index, int(start_ms), int(end_ms), piece))
 
     def _asr(self, jobs: list[_Job]) -> None:
         """ASR over the segments of all jobs, grouped by decoding options, in length-sorted batches."""
@@ -550,6 +549,33 @@ def funasr_batches(utts: list[_Utterance], batch_ms: int, threshold_ms: int) -> 
             continue
         yield utts[beg:end]
         beg, end, max_len = end, end + 1, length
+
+
+def funasr_segments(samples: Any, vad_segments: list[list[Any]], *, frontend: Any,
+                    audio_fs: int) -> list[tuple[Any, Any, Any]]:
+    """(start_ms, end_ms, samples) of each VAD segment of one input as ``inference_with_vad`` cuts them
+    (funasr 1.4.16): the input loaded by ``load_audio_text_image_video``, segments sorted by duration
+    (a stable sort), each sliced by ``slice_padding_audio_samples``. `frontend` and `audio_fs` are the
+    ASR kwargs' ``frontend`` and ``fs``."""
+    from funasr.utils.load_utils import load_audio_text_image_video
+    from funasr.utils.vad_utils import slice_padding_audio_samples
+
+    fs = frontend.fs if hasattr(frontend, "fs") else 16000
+    speech = load_audio_text_image_video(samples, fs=fs, audio_fs=audio_fs)
+    ordered = sorted([(seg, i) for i, seg in enumerate(vad_segments)], key=lambda x: x[0][1] - x[0][0])
+    out = []
+    for seg, i in ordered:
+        [piece], _ = slice_padding_audio_samples(speech, len(speech), [(seg, i)])
+        out.append((seg[0], seg[1], piece))
+    return out
+
+
+def speaker_windows(start_ms: Any, end_ms: Any, samples: Any) -> list[list[Any]]:
+    """The CAM++ windows of one segment as ``inference_with_vad`` cuts them: ``sv_chunk`` of
+    ``[[start_s, end_s, samples]]`` (1.5 s windows, 0.75 s shift), each ``[start_s, end_s, samples]``."""
+    from funasr.models.campplus.utils import sv_chunk
+
+    return sv_chunk([[start_ms / 1000.0, end_ms / 1000.0, np.array(samples)]])
 
 
 def n_windows(n_samples: int, fs: int = 16000) -> int:

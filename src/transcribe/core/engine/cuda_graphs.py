@@ -29,10 +29,8 @@ the benchmark's parity rows, docs/benchmarks.md).
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,24 +75,6 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return value
 
 
-_captures_off = threading.local()
-
-
-@contextlib.contextmanager
-def captures_off() -> Iterator[None]:
-    """In this thread, for the duration: graphs already recorded replay, but none is captured.
-
-    A capture asserts in PyTorch's caching allocator (``captures_underway``) if another thread empties the
-    cache meanwhile, and FunASR's ``AutoModel.inference`` calls ``torch.cuda.empty_cache()`` after every
-    call: work that runs beside FunASR's own loop (speaker_prefetch.py) must not capture."""
-    previous = getattr(_captures_off, "on", False)
-    _captures_off.on = True
-    try:
-        yield
-    finally:
-        _captures_off.on = previous
-
-
 class ShapeGraphs:
     """Stands in for a module's ``forward``: CUDA-graph replays per argument signature (see module doc)."""
 
@@ -128,7 +108,7 @@ class ShapeGraphs:
                     self.calls.clear()
                 count = self.calls.get(key, 0) + 1
                 self.calls[key] = count
-                if count < CAPTURE_AFTER_CALLS or key in self.uncapturable or getattr(_captures_off, "on", False):
+                if count < CAPTURE_AFTER_CALLS or key in self.uncapturable:
                     return self.forward(*args)
                 return self._capture(key, args)
             self.graphs.move_to_end(key)

@@ -20,7 +20,6 @@ cache (`result_cache.py`, opt-in) and the runtime device fallback (`fallback.py`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import os
@@ -35,7 +34,7 @@ import numpy as np
 from loguru import logger
 
 from transcribe.config import Config, as_config
-from transcribe.core.engine import cuda_graphs, fast_punc, model_store, speaker_prefetch
+from transcribe.core.engine import cuda_graphs, fast_punc, model_store
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, check_file, load_audio
 from transcribe.core.engine.device_manager import (
     DeviceChoice,
@@ -175,9 +174,6 @@ class Transcriber:
         self.load_time = time.perf_counter() - started
         self._stage_times: dict[str, float] = {}
         self._time_stages()
-        self.speaker_overlap = self._overlap_speakers()
-        if self.speaker_overlap is not None:
-            self.patches.append(speaker_prefetch.NAME)
         self._autocast_encoder()
         self.fast_diarization = self._enable_fast_diarization()
         self.fast_punc = (fast_punc.install(getattr(self.model, "punc_model", None), version("funasr"))
@@ -191,7 +187,7 @@ class Transcriber:
         self.cache = self._open_cache()
         # funasr.overlap_stages: a diarized job runs through the batch engine's stages, CAM++ beside ASR and
         # each batch's timestamps beside the next batch's decoding (the same result: tests/test_batch_engine.py);
-        # options the engine does not replay run FunASR's own loop below (with the speaker prefetch).
+        # options the engine does not replay run FunASR's own loop.
         self.stages_side_by_side = self._side_by_side_engine()
         self._cpu_copy: Transcriber | None = None  # built on the first job that falls back to the CPU
         self._cpu_copy_lock = threading.Lock()
@@ -251,19 +247,6 @@ class Transcriber:
                 times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
 
         self.model.inference = timed
-
-    def _overlap_speakers(self) -> speaker_prefetch.SpeakerOverlap | None:
-        """``funasr.overlap_stages`` for FunASR's own loop: CAM++ embeddings made ahead in a background thread
-        while the ASR batches run (speaker_prefetch.py); wraps the stage timer, so after `_time_stages`."""
-        f = self.config.funasr
-        if getattr(self.model, "spk_model", None) is None or not overlap_enabled(f.overlap_stages, self.device.device):
-            return None
-        if not speaker_prefetch.supported(version("funasr")):
-            logger.info("overlap_stages not verified for funasr {}: speaker embeddings run in FunASR's loop",
-                        version("funasr"))
-            return None
-        return speaker_prefetch.install(self.model, times=self._stage_times, progress=self._forward_progress,
-                                        ncpu=f.ncpu)
 
     def _enable_fast_diarization(self) -> bool:
         spk = getattr(self.model, "spk_model", None)
@@ -334,7 +317,7 @@ class Transcriber:
         ``diarize=False`` skips the speaker model for this call; ``speaker_bounds`` (min, max) bound
         CAM++'s estimated count for this call. Returns the output and the seconds spent per stage
         (vad, asr, spk, punc; through the engine's stages also assemble, with spk beside asr, so the
-        stages add up to more than the call; in FunASR's loop with the speaker prefetch also spk_wait)."""
+        stages add up to more than the call)."""
         with self._lock:
             try:
                 if diarize and self.stages_side_by_side is not None:
@@ -357,9 +340,7 @@ class Transcriber:
                 self.model.spk_model = None  # FunASR's test for its speaker stage; restored below
             if self.clustering is not None:
                 self.clustering.bounds = speaker_bounds
-            with self.speaker_overlap.job() if self.speaker_overlap is not None else contextlib.nullcontext():
-                output = self.model.generate(input=samples, **kwargs)
-            return output, dict(self._stage_times)  # after the job: the background speaker time is in
+            return self.model.generate(input=samples, **kwargs), dict(self._stage_times)
         finally:
             self.model.spk_model = spk_model
             if self.clustering is not None:
