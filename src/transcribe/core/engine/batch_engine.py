@@ -45,7 +45,6 @@ from loguru import logger
 
 from transcribe.core.engine.audio import SAMPLE_RATE, Audio, load_audio
 from transcribe.core.engine.batched_asr import (
-    DecodedBatch,
     UtteranceAsr,
     asr_support,
     decode_asr_batch,
@@ -104,7 +103,7 @@ class _PendingTimestamps:
     """A decoded ASR batch whose timestamps and text are being finished on the side stream."""
 
     batch: list[_Utterance]
-    decoded: DecodedBatch
+    kwargs: dict[str, Any]
     result: SideResult
 
 
@@ -326,32 +325,26 @@ class BatchTranscriber:
         decoded = decode_asr_batch(self.model.model, [u.samples for u in batch], kwargs)
         if self._timestamp_side is not None and pending is not None:
             result = self._timestamp_side.submit(finish_asr_batch, decoded, reads=decoded.device_tensors())
-            pending.append(_PendingTimestamps(batch, decoded, result))
+            pending.append(_PendingTimestamps(batch, kwargs, result))
             return
         for u, rec in zip(batch, finish_asr_batch(decoded)):
             u.asr = rec
 
     def _settle_timestamps(self, item: _PendingTimestamps, jobs: dict[int, _Job]) -> None:
-        """Take a batch's records from the side stream; if it failed there, finish the decoded batch here
-        (job by job if it fails again, as any batch)."""
+        """Take a batch's records from the side stream; if it failed there, run the batch again here (job by
+        job if it fails again, as any batch)."""
         t0 = time.perf_counter()
         try:
             records = item.result.get()
         except Exception as e:  # noqa: BLE001 - retried below, where a failure is attributed to its job
-            logger.warning("ASR timestamps of a batch failed on the side stream ({}: {}); finishing it here",
+            logger.warning("ASR timestamps of a batch failed on the side stream ({}: {}); running it again",
                            type(e).__name__, e)
-            self._run_batch(item.batch, jobs, "asr", functools.partial(self._finish_here, item.decoded))
+            self._run_batch(item.batch, jobs, "asr", functools.partial(self._asr_batch, kwargs=item.kwargs))
             return
         for u, rec in zip(item.batch, records):
             u.asr = rec
         self._share_time(item.batch, jobs, "asr", time.perf_counter() - t0)
 
-    def _finish_here(self, decoded: DecodedBatch, batch: list[_Utterance]) -> None:
-        if len(batch) != len(decoded.keys):  # job by job after a second failure: those segments from the start
-            self._asr_batch(batch, decoded.kwargs)
-            return
-        for u, rec in zip(batch, finish_asr_batch(decoded)):
-            u.asr = rec
 
     def _run_batch(self, batch: list[_Utterance], jobs: dict[int, _Job], stage: str,
                    fn: Callable[[list[_Utterance]], None]) -> None:
@@ -410,13 +403,13 @@ class BatchTranscriber:
         """CAM++ embeddings of the batch's windows. One segment alone is embedded in calls of the
         speaker model's batch size, as ``AutoModel.inference`` makes them (the same shapes, so the
         same floats: with near-identical embeddings, clustering can turn on the last bit)."""
-        from funasr.models.campplus.utils import extract_feature
+        from funasr.models.campplus.utils import extract_feature, sv_chunk
         from funasr.utils.load_utils import load_audio_text_image_video
 
         spk, spk_kwargs = self.model.spk_model, self.model.spk_kwargs
         counts, chunks = [], []
         for u in batch:  # as inference_with_vad cuts them
-            segs = speaker_windows(u.start_ms, u.end_ms, u.samples)
+            segs = sv_chunk([[u.start_ms / 1000.0, u.end_ms / 1000.0, np.array(u.samples)]])
             counts.append(len(segs))
             chunks.extend(s[2] for s in segs)
         samples = load_audio_text_image_video(chunks, fs=16000, audio_fs=spk_kwargs.get("fs", 16000),
@@ -474,9 +467,10 @@ class BatchTranscriber:
                         **gen_kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, float]] | None:
         """One decoded job through the engine's stages, for the `Transcriber` (which holds the model lock):
         ``Transcriber.generate_locked``'s output and stage times, or None where the engine does not cover
-        the job's options or models (the caller then runs FunASR's path). A failure raises the model's
+        the job's options (the caller then runs FunASR's path; it builds this engine only for models with a
+        speaker model that the engine covers). A failure raises the model's
         own exception, so the caller's device fallback sees an out-of-memory error as such."""
-        if not set(gen_kwargs) <= ENGINE_GENERATE_KWARGS or getattr(self.model, "spk_model", None) is None:
+        if not set(gen_kwargs) <= ENGINE_GENERATE_KWARGS:
             return None
         job = _Job(0, EngineJob(source=""), time.perf_counter(), audio=Audio(samples, SAMPLE_RATE, 1),
                    gen_kwargs=dict(gen_kwargs))
@@ -568,14 +562,6 @@ def funasr_segments(samples: Any, vad_segments: list[list[Any]], *, frontend: An
         [piece], _ = slice_padding_audio_samples(speech, len(speech), [(seg, i)])
         out.append((seg[0], seg[1], piece))
     return out
-
-
-def speaker_windows(start_ms: Any, end_ms: Any, samples: Any) -> list[list[Any]]:
-    """The CAM++ windows of one segment as ``inference_with_vad`` cuts them: ``sv_chunk`` of
-    ``[[start_s, end_s, samples]]`` (1.5 s windows, 0.75 s shift), each ``[start_s, end_s, samples]``."""
-    from funasr.models.campplus.utils import sv_chunk
-
-    return sv_chunk([[start_ms / 1000.0, end_ms / 1000.0, np.array(samples)]])
 
 
 def n_windows(n_samples: int, fs: int = 16000) -> int:

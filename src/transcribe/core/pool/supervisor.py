@@ -418,8 +418,8 @@ def plan_pool(cfg: Config, available: list[str], cpu_count: int | None = None,
     - Several GPUs and a CUDA-bound config: workers are spread round-robin over cuda:0..k-1.
     - ``pool.workers: "auto"``: on CUDA one worker per CPU core, 2 to 16 per GPU, no more than
       MemAvailable // 4 GiB, nor than the smallest card's memory (`gpu_memory`) // 4 GiB per GPU (1 GiB
-      more per further job of ``pool.batch_jobs``); each
-      then gets cores // workers CPU threads unless ``funasr.ncpu`` is set.
+      more per further job of ``pool.batch_jobs``); each then gets cores // workers CPU threads unless
+      ``funasr.ncpu`` is set.
       Else 1 on MPS; else cores // funasr.ncpu (at least 1).
     """
     p, f = cfg.pool, cfg.funasr
@@ -516,8 +516,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         self.td.recover_all("supervisor_restart", "the previous supervisor stopped while the job ran",
                             keep_audio=self.cfg.pool.keep_audio)
-        probe = probe_devices() if self._needs_probe(self.cfg) else DeviceProbe(["cpu"])
-        plan = plan_pool(self.cfg, probe.devices, gpu_memory=probe.gpu_memory)
+        plan = self._plan(self.cfg)
         self.worker_ncpu[0] = plan.ncpu
         self.core = core = PoolCore(plan.devices, PoolParams.from_config(self.cfg), spawn=self._spawn,
                                     send=self._send, read_status=self._status_of)
@@ -610,8 +609,11 @@ class Supervisor:
         return self.core.uncounted_pids if self.core else set()
 
     @staticmethod
-    def _needs_probe(cfg: Config) -> bool:
-        return cfg.pool.workers == "auto" or cfg.funasr.device in ("auto", "cuda")
+    def _plan(cfg: Config) -> PoolPlan:
+        """`plan_pool` on what torch sees, probed only where the plan depends on it."""
+        needs_probe = cfg.pool.workers == "auto" or cfg.funasr.device in ("auto", "cuda")
+        probe = probe_devices() if needs_probe else DeviceProbe(["cpu"])
+        return plan_pool(cfg, probe.devices, gpu_memory=probe.gpu_memory)
 
     def _context(self) -> Any:
         import multiprocess
@@ -641,8 +643,7 @@ class Supervisor:
 
         try:
             cfg = load_config(self.config_path, overrides=self.overrides)
-            probe = probe_devices() if self._needs_probe(cfg) else DeviceProbe(["cpu"])
-            plan = plan_pool(cfg, probe.devices, gpu_memory=probe.gpu_memory)
+            plan = self._plan(cfg)
         except ConfigError as e:
             logger.error("SIGHUP: config not reloaded: {}", e.message)
             return
